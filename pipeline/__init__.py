@@ -1,0 +1,3 @@
+"""Autotuning pipeline for neural-network inference on Apache TVM."""
+
+__version__ = "0.1.0"

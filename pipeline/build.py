@@ -1,0 +1,53 @@
+"""Stage 4, build: apply the tuning database to the tasks, lift weights to params, compile for the VM."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.passes import LiftConstantsToParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BuiltModule:
+    executable: object                 # tvm.runtime.Executable
+    params: dict[str, np.ndarray]      # passed to `main` after the real inputs, in this order
+    scheduled_tasks: int               # PrimFuncs that got a schedule from the database
+    total_tasks: int
+
+
+def apply_database(mod, target, database_dir: Path | None):
+    """Replace every PrimFunc that has a tuning record with its best schedule."""
+    from tvm import relax
+
+    if database_dir is None or not (database_dir / "database_workload.json").exists():
+        return mod
+    from pipeline.tuning import open_database
+
+    db = open_database(database_dir)
+    with target, db:
+        return relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+
+
+def _count_scheduled(mod) -> tuple[int, int]:
+    import tvm
+
+    funcs = [f for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    return sum(bool(f.attrs and f.attrs.get("tirx.is_scheduled", False)) for f in funcs), len(funcs)
+
+
+def build(mod, target, database_dir: Path | None = None) -> BuiltModule:
+    """Compile a fused Relax module (the output of the graph passes) for `target`."""
+    import tvm
+
+    mod = apply_database(mod, target, database_dir)
+    scheduled, total = _count_scheduled(mod)
+    log.info("%d of %d kernels scheduled from the database", scheduled, total)
+    mod, params = LiftConstantsToParams(mod)
+    executable = tvm.compile(mod, target=target)
+    return BuiltModule(executable, params, scheduled, total)

@@ -1,0 +1,64 @@
+"""Stage 6, measure: latency of several runners in one process, interleaved call by call, so that
+background load and frequency changes hit every runner alike."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class MeasureSettings:
+    warmup: int = 3
+    repeats: int = 50               # timed calls per runner at most ...
+    max_seconds: float = 10.0       # ... or until a runner has used this much time
+    min_repeats: int = 3            # ... but never fewer than this
+
+
+@dataclass
+class Latency:
+    samples_ms: list[float]
+
+    @property
+    def median(self) -> float:
+        return float(np.median(self.samples_ms))
+
+    @property
+    def p90(self) -> float:
+        return float(np.percentile(self.samples_ms, 90))
+
+    @property
+    def p99(self) -> float:
+        return float(np.percentile(self.samples_ms, 99))
+
+    def as_dict(self) -> dict:
+        return {"median_ms": self.median, "p90_ms": self.p90, "p99_ms": self.p99,
+                "mean_ms": float(np.mean(self.samples_ms)), "samples": len(self.samples_ms)}
+
+
+def measure_interleaved(runners: dict[str, Callable[[], object]],
+                        settings: MeasureSettings = MeasureSettings()) -> dict[str, Latency]:
+    """Each runner is a zero-argument call that runs one inference (inputs bound in advance)."""
+    for fn in runners.values():
+        for _ in range(settings.warmup):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in runners}
+    spent = dict.fromkeys(runners, 0.0)
+
+    def wants(name: str) -> bool:
+        n = len(samples[name])
+        return n < settings.min_repeats or (n < settings.repeats and spent[name] < settings.max_seconds)
+
+    while any(wants(n) for n in runners):
+        for name, fn in runners.items():
+            if not wants(name):
+                continue
+            t0 = time.perf_counter()
+            fn()
+            dt = time.perf_counter() - t0
+            samples[name].append(dt * 1e3)
+            spent[name] += dt
+    return {name: Latency(s) for name, s in samples.items()}

@@ -1,0 +1,69 @@
+"""The graph-pass list. Each entry is (name, why, pass); the list is printed by `--show-passes`,
+logged with every run, and applied in order. A step that does not apply to a target is an empty
+Sequential, not an `if` around the call, so the list reads the same everywhere."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class NamedPass:
+    name: str
+    why: str
+    make: Callable[[], object]   # builds the tvm.transform.Pass (lazily: passes hold no state)
+
+
+def _layout_pass(layout: str):
+    from tvm import relax, transform
+
+    if layout == "NHWC":
+        return relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]})
+    return transform.Sequential([], name="KeepLayout")
+
+
+def graph_passes(layout: str = "NCHW") -> list[NamedPass]:
+    from tvm.relax import transform as T
+
+    return [
+        NamedPass("FoldBatchnormToConv2D", "fold BN scale/shift into the preceding conv's weights",
+                  T.FoldBatchnormToConv2D),
+        NamedPass("FoldConstant", "materialise the folded weights (ConvertLayout needs constants)",
+                  T.FoldConstant),
+        NamedPass("DecomposeOpsForInference", "lower the BNs no conv precedes to elementwise ops",
+                  T.DecomposeOpsForInference),
+        NamedPass("CanonicalizeBindings", "drop trivial bindings left by the rewrites",
+                  T.CanonicalizeBindings),
+        NamedPass(f"ConvertLayout({layout})", "the data layout the target's conv schedules want",
+                  lambda: _layout_pass(layout)),
+        NamedPass("FoldConstant", "fold weight transposes from the layout change", T.FoldConstant),
+        NamedPass("LegalizeOps", "lower each Relax op to a TIR PrimFunc", T.LegalizeOps),
+        NamedPass("AnnotateTIROpPattern", "classify kernels (injective, reduction, ...) for fusion",
+                  T.AnnotateTIROpPattern),
+        NamedPass("FoldConstant", "fold TIR computations on constants", T.FoldConstant),
+        NamedPass("FuseOps", "group producers with their elementwise consumers", T.FuseOps),
+        NamedPass("FuseTIR", "merge each group into one PrimFunc: one tuning task", T.FuseTIR),
+        NamedPass("DeadCodeElimination", "remove functions nothing calls any more",
+                  T.DeadCodeElimination),
+    ]
+
+
+def describe_passes(passes: list[NamedPass]) -> list[str]:
+    return [f"{i + 1:2d}. {p.name}: {p.why}" for i, p in enumerate(passes)]
+
+
+def apply_passes(mod, target, passes: list[NamedPass]):
+    """Run the list in order under `target`, logging each step's wall time."""
+    import tvm
+
+    with target:
+        for p in passes:
+            start = time.perf_counter()
+            mod = p.make()(mod)
+            log.info("pass %s: %.2fs", p.name, time.perf_counter() - start)
+    return tvm.relax.transform.Normalize()(mod)

@@ -1,0 +1,246 @@
+"""The pipeline: import -> passes -> tune -> build -> verify -> measure -> record -> export.
+
+`run_pipeline` is the whole of `tune run`; the CLI only parses flags into a RunConfig and renders the
+RunResult. Every stage reports progress through the callback and its wall time into the result.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from pipeline import tvm_compat
+from pipeline.config import RunConfig
+from pipeline.errors import PipelineError, UserError, VerificationError
+from pipeline.progress import ProgressCallback, ProgressEvent, no_progress
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    model: str
+    preset: str
+    target: dict
+    target_reason: str
+    tasks: int = 0
+    trials_new: int = 0
+    trials_reused: int = 0
+    tune_stop_reason: str = ""
+    latency_ms: dict[str, float] = field(default_factory=dict)     # median per runner
+    latency: dict[str, dict] = field(default_factory=dict)         # full stats per runner
+    speedups: dict[str, float] = field(default_factory=dict)
+    verified: bool = False
+    verification: dict = field(default_factory=dict)
+    artifact: str | None = None
+    mlflow_run_id: str | None = None
+    run_dir: str = ""
+    passes: list[str] = field(default_factory=list)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    task_table: list[dict] = field(default_factory=list)
+    scheduled_kernels: str = ""
+
+    def summary(self) -> dict:
+        return asdict(self)
+
+
+def prepare(config: RunConfig):
+    """Cheap checks of everything a user typed, before any run is recorded."""
+    from pipeline.export import check_writable
+    from pipeline.importer import load_onnx
+    from pipeline.targets import resolve_target
+
+    if config.budget.trials < 0:
+        raise UserError("--trials must be >= 0")
+    if config.budget.trials_per_task is not None and config.budget.trials_per_task < 1:
+        raise UserError("--trials-per-task must be >= 1")
+    if config.tolerance <= 0:
+        raise UserError("--tolerance must be positive")
+    resolved = resolve_target(config.target)
+    check_writable(config.out)
+    check_writable(config.tuning_logs)
+    name, onnx_model, _ = load_onnx(config.model, config.model_options)
+    return resolved, name
+
+
+@contextmanager
+def _stage(result: RunResult, name: str, progress: ProgressCallback, message: str = "",
+           should_stop: Callable[[], bool] = lambda: False):
+    if should_stop():
+        raise KeyboardInterrupt
+    progress(ProgressEvent(name, message or name))
+    t0 = time.perf_counter()
+    yield
+    result.stage_seconds[name] = round(time.perf_counter() - t0, 3)
+    log.info("stage %s: %.1fs", name, result.stage_seconds[name])
+
+
+def run_pipeline(config: RunConfig, progress: ProgressCallback = no_progress,
+                 should_stop: Callable[[], bool] = lambda: False) -> RunResult:
+    from pipeline.targets import detect_host
+    from pipeline.tracking import RunRecorder, tracking_uri
+
+    tvm_compat.apply()
+    resolved, name = prepare(config)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    run_dir = config.runs_dir / f"{name}-{resolved.preset}-{stamp}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    result = RunResult(model=name, preset=resolved.preset, target=resolved.target_dict,
+                       target_reason=resolved.reason, run_dir=str(run_dir))
+    recorder = RunRecorder(tracking_uri(config.tracking_uri), config.experiment or name,
+                           run_name=f"{name}-{resolved.preset}-{stamp}",
+                           tags={"model": name, "preset": resolved.preset, "variant": "fp32"})
+    result.mlflow_run_id = recorder.run_id
+    file_log = _attach_run_log(run_dir)
+    try:
+        _run_stages(config, resolved, result, recorder, run_dir, progress, should_stop,
+                    detect_host())
+        recorder.finish("FINISHED")
+    except KeyboardInterrupt:
+        recorder.finish("KILLED", "interrupted (Ctrl-C or SIGTERM); finished tuning records are kept")
+        raise
+    except PipelineError as exc:
+        recorder.finish("FAILED", str(exc))
+        raise
+    except Exception as exc:
+        recorder.finish("FAILED", f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        (run_dir / "summary.json").write_text(json.dumps(result.summary(), indent=2, default=str))
+        logging.getLogger().removeHandler(file_log)
+        file_log.close()
+        try:
+            recorder.artifact(run_dir, "run")
+        except Exception as exc:  # never mask the real outcome because artifacts failed to upload
+            log.warning("could not log run artifacts: %s", exc)
+    return result
+
+
+def _attach_run_log(run_dir: Path) -> logging.Handler:
+    handler = logging.FileHandler(run_dir / "pipeline.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    if root.level > logging.INFO or root.level == logging.NOTSET:
+        root.setLevel(logging.INFO)
+    return handler
+
+
+def _run_stages(config, resolved, result: RunResult, recorder, run_dir: Path,
+                progress: ProgressCallback, should_stop, host) -> None:
+    from pipeline.build import build
+    from pipeline.export import export_artifact, versions
+    from pipeline.importer import import_model
+    from pipeline.measure import measure_interleaved
+    from pipeline.passes import apply_passes, describe_passes, graph_passes
+    from pipeline.runtime import CompiledModel
+    from pipeline.tuning import SearchSettings, tune
+    from pipeline.verify import onnxruntime_session, seeded_inputs, verify
+
+    target = resolved.tvm_target()
+    if not resolved.runs_here(host):
+        raise UserError(f"target {resolved.preset} cannot run on this {host.arch} machine; "
+                        "cross-compiled export is not supported by `tune run` yet")
+    settings = SearchSettings.from_preset(resolved.tuning)
+    passes = graph_passes(resolved.tuning.get("layout", "NCHW"))
+    result.passes = [p.name for p in passes]
+    db_dir = config.tuning_logs / resolved.preset
+    recorder.params({
+        "model": result.model, "model_source": config.model,
+        "model_options": json.dumps(config.model_options), "preset": resolved.preset,
+        "target": json.dumps(resolved.target_dict), "target_reason": resolved.reason,
+        "trials": config.budget.trials, "trials_per_task": config.budget.trials_per_task,
+        "time_budget_s": config.budget.time_budget_s, "tuning_logs": str(db_dir),
+        "passes": " -> ".join(result.passes), "search": json.dumps(asdict(settings)),
+        "tolerance": config.tolerance, "seed": config.seed,
+        **{f"version.{k}": v for k, v in versions().items()},
+    })
+    log.info("graph passes:\n%s", "\n".join(describe_passes(passes)))
+
+    with _stage(result, "import", progress, f"importing {config.model}", should_stop):
+        model = import_model(config.model, config.model_options, config.input_shapes)
+        recorder.params({"model_sha256": model.sha256,
+                         "inputs": json.dumps([s.as_dict() for s in model.inputs])})
+    with _stage(result, "passes", progress, f"{len(passes)} graph passes", should_stop):
+        mod = apply_passes(model.mod, target, passes)
+    with _stage(result, "tune", progress, "tuning", should_stop):
+        report = tune(mod, target, db_dir, run_dir / "metaschedule", config.budget, settings,
+                      progress, should_stop)
+    if report.stop_reason == "interrupted":
+        raise KeyboardInterrupt
+    result.tasks, result.trials_new = len(report.tasks), report.trials_new
+    result.trials_reused, result.tune_stop_reason = report.trials_reused, report.stop_reason
+    result.task_table = [{**asdict(t), "trials": t.trials} for t in report.tasks]
+    recorder.metrics({"tasks": result.tasks, "trials_new": report.trials_new,
+                      "trials_reused": report.trials_reused, "tune_wall_s": report.wall_s})
+    recorder.series("tune_best_latency_ms", report.curve)
+
+    with _stage(result, "build", progress, "compiling", should_stop):
+        built = build(mod, target, db_dir)
+        result.scheduled_kernels = f"{built.scheduled_tasks}/{built.total_tasks}"
+        compiled = CompiledModel(built.executable, list(built.params.values()))
+        untuned = None
+        if not config.skip_untuned:
+            plain = build(mod, target, None)
+            untuned = CompiledModel(plain.executable, list(plain.params.values()))
+
+    session = onnxruntime_session(model, threads=int(resolved.target_dict.get("num-cores", 1)))
+    with _stage(result, "verify", progress, "checking numerics against ONNX Runtime", should_stop):
+        check = verify(model, compiled, session, config.tolerance, config.verify_samples, config.seed)
+        result.verified, result.verification = check.passed, check.as_dict()
+        recorder.metrics({"verify_max_abs_err": check.max_abs_err,
+                          "verify_max_rel_err": check.max_rel_err,
+                          "verify_min_cosine": check.min_cosine})
+        recorder.tags({"verified": str(check.passed).lower()})
+        if not check.passed:
+            raise VerificationError(
+                f"output mismatch against ONNX Runtime: max relative error {check.max_rel_err:.3g} "
+                f"> tolerance {config.tolerance:g} (max abs {check.max_abs_err:.3g}); not exported")
+
+    with _stage(result, "measure", progress, "measuring latency (interleaved)", should_stop):
+        feeds = seeded_inputs(model.inputs, config.seed)
+        arrays = [feeds[s.name] for s in model.inputs]
+        runners = {"tuned": _timed(compiled, arrays),
+                   "onnxruntime": lambda: session.run(None, feeds)}
+        if untuned is not None:
+            runners["untuned"] = _timed(untuned, arrays)
+        stats = measure_interleaved(runners, config.measure)
+        result.latency = {k: v.as_dict() for k, v in stats.items()}
+        result.latency_ms = {k: round(v.median, 4) for k, v in stats.items()}
+        result.speedups = {f"tuned_vs_{k}": round(stats[k].median / stats["tuned"].median, 3)
+                           for k in stats if k != "tuned"}
+        recorder.metrics({**{f"latency_{k}_{s}": v[f"{s}_ms"] for k, v in result.latency.items()
+                             for s in ("median", "p90", "p99")},
+                          **{f"speedup_{k}": v for k, v in result.speedups.items()}})
+
+    with _stage(result, "export", progress, "exporting the artifact", should_stop):
+        manifest = {"model_sha256": model.sha256, "model_source": config.model,
+                    "target": resolved.target_dict, "target_reason": resolved.reason,
+                    "inputs": [s.as_dict() for s in model.inputs],
+                    "outputs": [s.as_dict() for s in model.outputs],
+                    "latency_ms": result.latency, "verification": check.as_dict(),
+                    "tuning": {"tasks": result.tasks, "trials_new": report.trials_new,
+                               "trials_reused": report.trials_reused, "database": str(db_dir)},
+                    "mlflow_run_id": result.mlflow_run_id}
+        folder = export_artifact(config.out, model_name=result.model, preset=resolved.preset,
+                                 executable=built.executable, params=built.params, manifest=manifest,
+                                 verify_inputs=check.inputs[0], verify_outputs=check.outputs[0])
+        result.artifact = str(folder)
+        recorder.tags({"artifact": str(folder.resolve())})
+        recorder.artifact(folder / "manifest.json", "artifact")
+
+
+def _timed(compiled, arrays):
+    device_args = compiled.to_device(arrays)
+
+    def call():
+        compiled.run_device(device_args)
+        compiled.device.sync()
+    return call

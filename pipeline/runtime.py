@@ -1,0 +1,35 @@
+"""Running compiled modules: the only code an exported artifact needs (no tuning, no MLflow)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class CompiledModel:
+    """A Relax VM over an executable or a loaded library, with its params already on the device."""
+
+    def __init__(self, executable, params: list[np.ndarray], device: str = "cpu") -> None:
+        import tvm
+        from tvm import relax
+
+        self.device = tvm.device(device, 0)
+        self.vm = relax.VirtualMachine(executable, self.device)
+        self._params = [tvm.runtime.tensor(p, self.device) for p in params]
+
+    def to_device(self, inputs: list[np.ndarray]) -> list:
+        import tvm
+
+        return [tvm.runtime.tensor(np.ascontiguousarray(x), self.device) for x in inputs]
+
+    def run_device(self, device_inputs: list):
+        """One call on inputs already on the device (what the timing loops use)."""
+        return self.vm["main"](*device_inputs, *self._params)
+
+    def __call__(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        return _to_numpy(self.run_device(self.to_device(inputs)))
+
+
+def _to_numpy(out) -> list[np.ndarray]:
+    if hasattr(out, "numpy"):
+        return [out.numpy()]
+    return [o.numpy() for o in out]

@@ -1,0 +1,81 @@
+"""Stage 7, record: every run in MLflow (local SQLite store unless told otherwise).
+
+The library talks to MLflow through this one class, with an explicit client and run id (no fluent
+global state), so a failure anywhere can still mark the run FAILED or KILLED with its reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+def tracking_uri(explicit: str | None) -> str:
+    return explicit or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def _quiet_mlflow() -> None:
+    import mlflow  # noqa: F401  (its import configures its loggers; quieten them afterwards)
+
+    for name in ("mlflow", "alembic", "sqlalchemy"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+class RunRecorder:
+    def __init__(self, uri: str, experiment: str, run_name: str, tags: dict[str, str]) -> None:
+        _quiet_mlflow()
+        from mlflow.tracking import MlflowClient
+
+        self.uri = uri
+        self.client = MlflowClient(tracking_uri=uri)
+        exp = self.client.get_experiment_by_name(experiment)
+        exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+        self.run_id = self.client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+        self._ended = False
+
+    def params(self, params: dict[str, object]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i:i + 100])
+
+    def metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
+        for i in range(0, len(items), 500):
+            self.client.log_batch(self.run_id, metrics=items[i:i + 500])
+
+    def series(self, name: str, points: list[tuple[int, float]]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(name, float(v), now, int(step)) for step, v in points]
+        for i in range(0, len(items), 500):
+            self.client.log_batch(self.run_id, metrics=items[i:i + 500])
+
+    def tags(self, tags: dict[str, str]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, str(v)[:5000])
+
+    def artifact(self, path: Path, subdir: str | None = None) -> None:
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), subdir)
+        elif path.is_file():
+            self.client.log_artifact(self.run_id, str(path), subdir)
+
+    def finish(self, status: str = "FINISHED", reason: str | None = None) -> None:
+        """status: FINISHED, FAILED or KILLED; idempotent so error paths can call it freely."""
+        if self._ended:
+            return
+        if reason:
+            self.tags({"failure_reason": reason})
+        self.client.set_terminated(self.run_id, status=status)
+        self._ended = True

@@ -1,0 +1,385 @@
+"""Stage 3, tune: MetaSchedule over the model's tasks, with our own task loop.
+
+Why not `ms.tune_tasks`: its task scheduler sends every task's first batch to the builder and runner
+before it joins any result, so on a 28-task model nothing reaches the database for ~30 minutes and a
+kill loses it all. Our loop measures one batch at a time and commits each record to the JSON database
+the moment its measurement returns; it also skips tasks the database has already tuned (resume),
+allots trials per task, keeps to a time budget and reports progress through a callback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.progress import ProgressCallback, ProgressEvent, no_progress
+
+log = logging.getLogger(__name__)
+FAILED_RUN_SECS = 1e10  # what MetaSchedule's AddToDatabase stores for a failed candidate
+
+
+@dataclass(frozen=True)
+class TuneBudget:
+    trials: int = 64                       # new + reused trials the model may have in total
+    trials_per_task: int | None = None     # cap per task; default: trials spread evenly
+    time_budget_s: float | None = None     # stop starting batches when this runs out
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """MetaSchedule knobs; presets in targets/ set them per target class."""
+
+    trials_per_iter: int = 16
+    population_size: int = 256
+    init_min_unmeasured: int = 32
+    runner_number: int = 3
+    runner_min_repeat_ms: int = 50
+    builder_timeout_s: float = 120.0
+    runner_timeout_s: float = 60.0
+    seed: int = 0
+
+    @classmethod
+    def from_preset(cls, tuning: dict) -> SearchSettings:
+        known = {k: v for k, v in tuning.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+@dataclass
+class TaskReport:
+    name: str
+    weight: int
+    flops: float
+    trials_before: int
+    trials_new: int = 0
+    best_us: float | None = None     # best measured latency of one call, any run
+    exhausted: bool = False          # the search space had no unmeasured candidates left
+
+    @property
+    def trials(self) -> int:
+        return self.trials_before + self.trials_new
+
+
+@dataclass
+class TuneReport:
+    tasks: list[TaskReport]
+    trials_new: int
+    trials_reused: int
+    wall_s: float
+    stop_reason: str                 # "done", "budget", "time", "no-search"
+    database_dir: str
+    curve: list[tuple[int, float]] = field(default_factory=list)  # (new trials, est. latency ms)
+
+    def estimated_ms(self) -> float | None:
+        return _estimated_ms(self.tasks)
+
+
+def _estimated_ms(tasks: list[TaskReport]) -> float | None:
+    """Sum of weight x best latency over tasks; None until every task has a measurement."""
+    if any(t.best_us is None for t in tasks):
+        return None
+    return sum(t.weight * t.best_us for t in tasks) / 1e3
+
+
+def fast_build(mod, target, _params):
+    """MetaSchedule's default_build without `import tvm.s_tir.tensor_intrin` (~60 s per worker)."""
+    import tvm
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+    return tvm.tirx.build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
+
+
+def workload_key(mod) -> str:
+    import tvm_ffi
+
+    return f"{tvm_ffi.structural_hash(mod) & 0xFFFFFFFFFFFFFFFF:016x}"
+
+
+def repair_database(directory: Path) -> None:
+    """Drop a half-written last line (a kill mid-append) so the JSON database loads."""
+    for path in directory.glob("database_*.json"):
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            cut = data.rfind(b"\n") + 1
+            log.warning("%s: dropping a truncated last record (%d bytes)", path, len(data) - cut)
+            path.write_bytes(data[:cut])
+
+
+def open_database(directory: Path):
+    from tvm.s_tir import meta_schedule as ms
+
+    directory.mkdir(parents=True, exist_ok=True)
+    repair_database(directory)
+    return ms.database.JSONDatabase(work_dir=str(directory), module_equality="structural")
+
+
+def extract_tasks(mod, target) -> list:
+    from tvm.s_tir import meta_schedule as ms
+
+    return list(ms.relax_integration.extract_tasks(mod, target, module_equality="structural"))
+
+
+def _record_stats(db) -> dict[str, tuple[int, float | None]]:
+    """workload key -> (number of records, best run seconds of the valid ones)."""
+    stats: dict[str, tuple[int, float | None]] = {}
+    for rec in db.get_all_tuning_records():
+        key = workload_key(rec.workload.mod)
+        secs = [float(s) for s in rec.run_secs] if rec.run_secs else []
+        ok = secs and secs[0] < FAILED_RUN_SECS
+        n, best = stats.get(key, (0, None))
+        mean = sum(secs) / len(secs) if ok else None
+        stats[key] = (n + 1, best if mean is None else (mean if best is None else min(best, mean)))
+    return stats
+
+
+class _ExhaustedTasks:
+    """Workloads whose search space ran dry: a resumed run does not re-open them."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / "exhausted.json"
+        self.keys: dict[str, str] = json.loads(self.path.read_text()) if self.path.exists() else {}
+
+    def add(self, key: str, name: str) -> None:
+        self.keys[key] = name
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.keys, indent=1, sort_keys=True))
+        tmp.replace(self.path)
+
+
+@contextmanager
+def _metaschedule_logs(log_dir: Path):
+    """Route MetaSchedule's own loggers to files in the run directory, never to stdout."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    handler = logging.FileHandler(log_dir / "metaschedule.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] %(name)s: %(message)s"))
+    saved = (ms_logger.level, ms_logger.propagate)
+    ms_logger.addHandler(handler)
+    ms_logger.setLevel(logging.INFO)
+    ms_logger.propagate = False
+    try:
+        yield
+    finally:
+        ms_logger.removeHandler(handler)
+        handler.close()
+        ms_logger.setLevel(saved[0])
+        ms_logger.propagate = saved[1]
+
+
+def _task_logger(log_dir: Path, index: int, name: str) -> logging.Logger:
+    logger = logging.getLogger(f"pipeline.tuning.task{index}")
+    for h in list(logger.handlers):
+        logger.removeHandler(h)
+        h.close()
+    handler = logging.FileHandler(log_dir / f"task_{index:03d}_{name}.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    return logger
+
+
+@dataclass
+class _Task:
+    report: TaskReport
+    mod: object
+    key: str
+    cap: int
+    ctx: object = None
+    logger: logging.Logger | None = None
+
+    @property
+    def wants(self) -> int:
+        return 0 if self.report.exhausted else max(0, self.cap - self.report.trials)
+
+    def priority(self) -> tuple[bool, float]:
+        """Tasks never measured first (heaviest first), then by their share of model latency."""
+        r = self.report
+        if r.best_us is None:
+            return True, r.weight * r.flops
+        return False, r.weight * r.best_us
+
+
+def _allot(budget: TuneBudget, n_tasks: int) -> int:
+    if budget.trials_per_task is not None:
+        return budget.trials_per_task
+    return max(1, math.ceil(budget.trials / max(n_tasks, 1)))
+
+
+def tune(mod, target, database_dir: Path, log_dir: Path, budget: TuneBudget,
+         settings: SearchSettings = SearchSettings(), progress: ProgressCallback = no_progress,
+         should_stop: Callable[[], bool] = lambda: False) -> TuneReport:
+    """Tune every task of `mod` (a fused, legalized Relax module) into the database at `database_dir`.
+
+    Every finished measurement is in the database when this returns or raises (KeyboardInterrupt
+    included); a second call with the same budget measures nothing new.
+    """
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.analysis import estimate_tir_flops
+
+    start = time.perf_counter()
+    extracted = extract_tasks(mod, target)
+    db = open_database(database_dir)
+    stats = _record_stats(db)
+    exhausted = _ExhaustedTasks(database_dir)
+    cap = _allot(budget, len(extracted))
+    tasks: list[_Task] = []
+    for t in extracted:
+        mod_t = t.dispatched[0]
+        key = workload_key(mod_t)
+        n, best = stats.get(key, (0, None))
+        report = TaskReport(name=t.task_name, weight=int(t.weight),
+                            flops=float(estimate_tir_flops(mod_t)), trials_before=n,
+                            best_us=None if best is None else best * 1e6,
+                            exhausted=key in exhausted.keys)
+        tasks.append(_Task(report, mod_t, key, cap))
+    reused = sum(min(t.report.trials_before, cap) for t in tasks)
+    allowed = max(0, budget.trials - reused) if budget.trials > 0 else 0
+    allowed = min(allowed, sum(t.wants for t in tasks))
+    log.info("%d tasks, %d trials per task, %d reused records, %d new trials allowed",
+             len(tasks), cap, reused, allowed)
+    report = TuneReport([t.report for t in tasks], 0, reused, 0.0, "no-search", str(database_dir))
+    if allowed == 0:
+        report.stop_reason = "done" if budget.trials > 0 else "no-search"
+        report.wall_s = time.perf_counter() - start
+        return report
+
+    cost_model = ms.cost_model.CostModel.create("xgb", num_tuning_cores=_cores(target))
+    builder = ms.builder.LocalBuilder(max_workers=_cores(target), timeout_sec=settings.builder_timeout_s,
+                                      f_build=fast_build)
+    runner = ms.runner.LocalRunner(
+        timeout_sec=settings.runner_timeout_s,
+        evaluator_config=ms.runner.EvaluatorConfig(number=settings.runner_number, repeat=1,
+                                                   min_repeat_ms=settings.runner_min_repeat_ms,
+                                                   enable_cpu_cache_flush=False))
+    done, batch_s = 0, []
+    with _metaschedule_logs(log_dir):
+        try:
+            while done < allowed:
+                if should_stop():
+                    report.stop_reason = "interrupted"
+                    break
+                elapsed = time.perf_counter() - start
+                if budget.time_budget_s is not None and batch_s and \
+                        elapsed + sum(batch_s) / len(batch_s) > budget.time_budget_s:
+                    report.stop_reason = "time"
+                    break
+                open_tasks = [t for t in tasks if t.wants > 0]
+                if not open_tasks:
+                    break
+                task = max(open_tasks, key=_Task.priority)
+                index = tasks.index(task)
+                t0 = time.perf_counter()
+                n = _tune_batch(task, index, target, db, cost_model, builder, runner, settings,
+                                log_dir, limit=allowed - done, should_stop=should_stop)
+                if n == 0 and should_stop():
+                    report.stop_reason = "interrupted"
+                    break
+                if n == 0:
+                    task.report.exhausted = True
+                    exhausted.add(task.key, task.report.name)
+                    log.info("task %s: search space exhausted at %d trials", task.report.name,
+                             task.report.trials)
+                    continue
+                batch_s.append(time.perf_counter() - t0)
+                done += n
+                report.trials_new = done
+                est = _estimated_ms(report.tasks)
+                if est is not None:
+                    report.curve.append((done, est))
+                elapsed = time.perf_counter() - start
+                per_trial = elapsed / done
+                progress(ProgressEvent("tune", f"{task.report.name}: {n} trials", index, len(tasks),
+                                       done, allowed, est, elapsed, per_trial * (allowed - done)))
+            else:
+                report.stop_reason = "budget"
+        finally:
+            for t in tasks:
+                if t.ctx is not None:
+                    t.ctx.post_tuning()
+                    t.ctx = None
+    report.trials_new = done
+    report.wall_s = time.perf_counter() - start
+    if report.stop_reason == "no-search":
+        report.stop_reason = "done"
+    log.info("tuning stopped (%s): %d new trials in %.1fs", report.stop_reason, done, report.wall_s)
+    return report
+
+
+def _cores(target) -> int:
+    return int(target.attrs.get("num-cores", 1)) if target.kind.name == "llvm" else 1
+
+
+def _device_type(target) -> str:
+    return "cpu" if target.kind.name == "llvm" else target.kind.name
+
+
+def _context(task: _Task, index: int, target, db, cost_model, settings: SearchSettings, log_dir: Path):
+    from tvm.s_tir import meta_schedule as ms
+
+    task.logger = _task_logger(log_dir, index, task.report.name)
+    strategy = ms.search_strategy.EvolutionarySearch(
+        population_size=settings.population_size, init_min_unmeasured=settings.init_min_unmeasured)
+    ctx = ms.TuneContext(mod=task.mod, target=target, space_generator="post-order-apply",
+                         search_strategy=strategy, task_name=task.report.name,
+                         num_threads=_cores(target), rand_state=settings.seed + index,
+                         logger=task.logger)
+    ctx.pre_tuning(max_trials=task.wants, num_trials_per_iter=settings.trials_per_iter,
+                   design_spaces=ctx.generate_design_space(), database=db, cost_model=cost_model)
+    return ctx
+
+
+def _tune_batch(task: _Task, index: int, target, db, cost_model, builder, runner,
+                settings: SearchSettings, log_dir: Path, limit: int,
+                should_stop: Callable[[], bool] = lambda: False) -> int:
+    """Build and measure one batch of `task`; each record is committed as its measurement returns.
+
+    A stop request ends the batch after the current measurement; the records so far are kept."""
+    from tvm.s_tir import meta_schedule as ms
+
+    if task.ctx is None:
+        task.ctx = _context(task, index, target, db, cost_model, settings, log_dir)
+    candidates = task.ctx.generate_measure_candidates()
+    if not candidates:
+        return 0
+    candidates = list(candidates)[:min(limit, task.wants)]
+    built = builder.build([ms.builder.BuilderInput(c.sch.mod, target) for c in candidates])
+    runnable = [i for i, b in enumerate(built) if b.error_msg is None]
+    futures = dict(zip(runnable, runner.run([
+        ms.runner.RunnerInput(built[i].artifact_path, _device_type(target), candidates[i].args_info)
+        for i in runnable])))
+    workload = db.commit_workload(task.mod)
+    results = []
+    try:
+        for i, cand in enumerate(candidates):
+            if should_stop():
+                break
+            if i in futures:
+                result = futures[i].result()
+            else:
+                result = ms.runner.RunnerResult(run_secs=None, error_msg=built[i].error_msg)
+            results.append(result)
+            secs = [float(s) for s in result.run_secs] if result.run_secs else [FAILED_RUN_SECS]
+            db.commit_tuning_record(ms.database.TuningRecord(
+                cand.sch.trace, workload, secs, target, cand.args_info))
+            task.report.trials_new += 1
+            if result.error_msg is None and secs[0] < FAILED_RUN_SECS:
+                us = sum(secs) / len(secs) * 1e6
+                task.report.best_us = us if task.report.best_us is None else min(task.report.best_us, us)
+            else:
+                task.logger.info("candidate %d failed: %s", i, result.error_msg)
+    finally:
+        for b in built:
+            if b.artifact_path:
+                shutil.rmtree(Path(b.artifact_path).parent, ignore_errors=True)
+    measured = candidates[:len(results)]
+    if measured:
+        task.ctx.notify_runner_results(measured, results)
+        cost_model.update(task.ctx, measured, results)
+    return len(measured)

@@ -1,0 +1,196 @@
+"""End to end: the real `tune` CLI in subprocesses, against a real MLflow SQLite store in a tmp dir."""
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import TUNE, mlp_onnx, tune_cli
+
+
+def _client(cwd: Path) -> MlflowClient:
+    return MlflowClient(f"sqlite:///{cwd / 'mlflow.db'}")
+
+
+def _records(cwd: Path) -> int:
+    files = list((cwd / "tuning_logs").glob("*/database_tuning_record.json"))
+    return sum(f.read_text().count("\n") for f in files)
+
+
+def test_run_reports_json_and_exports_a_verified_artifact(tiny_run):
+    cwd, run = tiny_run
+    summary = run.json()
+    assert {"model", "preset", "tasks", "trials_new", "trials_reused", "latency_ms", "verified",
+            "artifact", "mlflow_run_id"} <= set(summary)
+    assert summary["model"] == "tiny-cnn" and summary["verified"] is True
+    assert summary["tasks"] == 7 and summary["trials_new"] >= 6 and summary["trials_reused"] == 0
+    assert set(summary["latency_ms"]) == {"tuned", "onnxruntime", "untuned"}
+    manifest = json.loads((cwd / summary["artifact"] / "manifest.json").read_text())
+    assert manifest["target"]["kind"] == "llvm" and len(manifest["model_sha256"]) == 64
+    assert {"model.so", "params.bin", "verify.npz"} <= set(manifest["files"])
+    assert manifest["latency_ms"]["tuned"]["median_ms"] > 0
+    assert "tuned" in run.stdout and "onnxruntime" in run.stdout  # the human table
+    assert "MetaSchedule" not in run.stdout and "Trial #" not in run.stdout
+    assert _records(cwd) == summary["trials_new"]
+
+
+def test_run_is_recorded_in_mlflow(tiny_run):
+    cwd, run = tiny_run
+    summary = run.json()
+    client = _client(cwd)
+    r = client.get_run(summary["mlflow_run_id"])
+    assert r.info.status == "FINISHED"
+    assert r.data.params["preset"] == summary["preset"] and "FuseTIR" in r.data.params["passes"]
+    assert r.data.params["version.apache-tvm"].startswith("0.27")
+    assert r.data.metrics["trials_new"] == summary["trials_new"]
+    assert r.data.metrics["latency_tuned_median"] > 0 and "speedup_tuned_vs_onnxruntime" in r.data.metrics
+    assert client.get_metric_history(r.info.run_id, "tune_best_latency_ms")
+    paths = {a.path for a in client.list_artifacts(r.info.run_id, "run")}
+    assert "run/summary.json" in paths and "run/metaschedule" in paths
+    assert client.get_experiment(r.info.experiment_id).name == "tiny-cnn"
+
+
+def test_second_run_reuses_every_record_and_is_fast(tiny_run):
+    cwd, first = tiny_run
+    again = tune_cli(["run", "--model", "tiny-cnn", "--trials", "7", "--json", "--repeats", "20"], cwd)
+    assert again.returncode == 0, again.stderr
+    summary = again.json()
+    assert summary["trials_new"] == 0
+    assert summary["trials_reused"] == first.json()["trials_new"]
+    assert again.seconds < first.seconds / 2
+
+
+def test_predict_reproduces_the_verified_output(tiny_run, tmp_path):
+    cwd, run = tiny_run
+    artifact = cwd / run.json()["artifact"]
+    check = tune_cli(["predict", str(artifact), "--check"], cwd)
+    assert check.returncode == 0 and "exactly" in check.stdout, check.stderr
+    stored = np.load(artifact / "verify.npz")
+    np.save(tmp_path / "x.npy", stored["input:input"])
+    pred = tune_cli(["predict", str(artifact), "--input", str(tmp_path / "x.npy"),
+                     "--output", str(tmp_path / "y.npy")], cwd)
+    assert pred.returncode == 0, pred.stderr
+    np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), stored["output:0"])
+
+
+_NO_TUNING_CODE = """
+import sys
+from pathlib import Path
+from pipeline.export import load_artifact
+load_artifact(Path(sys.argv[1]))
+heavy = ("mlflow", "xgboost", "onnxruntime")
+ours = ("pipeline.tuning", "pipeline.run", "pipeline.passes")
+print(sorted(m for m in sys.modules if m.split(".")[0] in heavy or m in ours))
+"""
+
+
+def test_predict_loads_no_tuning_code(tiny_run):
+    cwd, run = tiny_run
+    out = subprocess.run([TUNE[0], "-c", _NO_TUNING_CODE, str(cwd / run.json()["artifact"])],
+                         capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "[]", out.stderr  # (tvm.relax itself imports MetaSchedule's FFI)
+
+
+def _det_model(path: Path) -> Path:
+    import onnx
+    from onnx import TensorProto, helper
+
+    g = helper.make_graph([helper.make_node("Det", ["x"], ["y"], name="det0")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 3])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def _error_cases(tmp: Path):
+    (tmp / "corrupt.onnx").write_bytes(b"\x00garbage")
+    (tmp / "a_file").write_text("")
+    det = _det_model(tmp / "det.onnx")
+    return [
+        (["run", "--model", str(tmp / "missing.onnx")], 2, "model file not found"),
+        (["run", "--model", str(tmp / "corrupt.onnx")], 2, "not a valid ONNX model"),
+        (["run", "--model", "resnet9000"], 2, "unknown model 'resnet9000'"),
+        (["run", "--model", str(det), "--trials", "0"], 3, "Det (node det0)"),
+        (["run", "--model", "tiny-cnn", "--target", "pdp11"], 2, "unknown target 'pdp11'"),
+        (["run", "--model", "tiny-cnn", "--target", '{"kind": "bogus"}'], 2, "TVM rejects"),
+        (["run", "--model", "tiny-cnn", "--trials", "-1"], 2, "--trials must be >= 0"),
+        (["run", "--model", "tiny-cnn", "--time-budget", "soon"], 2, "bad duration"),
+        (["run", "--model", "tiny-cnn", "--model-option", "depth=3"], 2, "has no option"),
+        (["run", "--model", "tiny-cnn", "--out", str(tmp / "a_file" / "x")], 2, "not writable"),
+        (["predict", str(tmp)], 2, "pass --input FILE"),
+        (["predict", str(tmp), "--check"], 2, "manifest.json is missing"),
+    ]
+
+
+def test_bad_input_gets_one_line_and_nonzero_exit(tmp_path):
+    for args, code, message in _error_cases(tmp_path):
+        res = tune_cli(args, tmp_path)
+        assert res.returncode == code, (args, res.returncode, res.stderr)
+        lines = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+        assert len(lines) == 1 and message in lines[0], (args, res.stderr)
+        assert "Traceback" not in res.stderr, args
+
+
+def test_bad_flag_type_is_rejected_by_the_parser(tmp_path):
+    res = tune_cli(["run", "--model", "tiny-cnn", "--trials", "many"], tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    res = tune_cli(["--debug", "run", "--model", "resnet9000"], tmp_path)
+    assert res.returncode != 0 and "Traceback" in res.stderr
+
+
+def test_verification_failure_marks_the_run_failed_and_exports_nothing(tmp_path):
+    mlp = mlp_onnx(tmp_path / "mlp.onnx")
+    res = tune_cli(["run", "--model", str(mlp), "--trials", "0", "--tolerance", "1e-30",
+                    "--skip-untuned"], tmp_path)
+    assert res.returncode == 4 and "output mismatch" in res.stderr, res.stderr
+    assert not list((tmp_path / "artifacts").glob("*"))
+    runs = _client(tmp_path).search_runs([_client(tmp_path).get_experiment_by_name("mlp").experiment_id])
+    assert runs[0].info.status == "FAILED"
+    assert "output mismatch" in runs[0].data.tags["failure_reason"]
+
+
+def test_sigterm_mid_tuning_keeps_records_marks_killed_and_resumes(tmp_path):
+    mlp = mlp_onnx(tmp_path / "mlp.onnx")
+    args = ["run", "--model", str(mlp), "--trials", "40", "--json", "--skip-untuned"]
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    import os
+    proc = subprocess.Popen(TUNE + args, cwd=tmp_path, env={**os.environ, **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while _records(tmp_path) < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    kept = _records(tmp_path)
+    assert kept >= 2
+    client = _client(tmp_path)
+    run = client.search_runs([client.get_experiment_by_name("mlp").experiment_id])[0]
+    assert run.info.status == "KILLED" and "interrupted" in run.data.tags["failure_reason"]
+
+    resumed = tune_cli(["run", "--model", str(mlp), "--trials", "0", "--json", "--skip-untuned"],
+                       tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.json()["verified"] is True
+    assert _records(tmp_path) == kept
+
+
+def test_models_and_targets_commands(tmp_path):
+    models = tune_cli(["models"], tmp_path)
+    assert models.returncode == 0 and "resnet50" in models.stdout and "bert-mini" in models.stdout
+    targets = tune_cli(["targets"], tmp_path)
+    assert targets.returncode == 0 and "auto ->" in targets.stdout and "x86-avx2" in targets.stdout
+
+
+def test_show_passes_prints_the_list(tmp_path):
+    res = tune_cli(["run", "--model", "resnet9000", "--show-passes"], tmp_path)
+    assert "FoldBatchnormToConv2D" in res.stdout and "FuseTIR" in res.stdout

@@ -1,0 +1,83 @@
+import pytest
+
+from pipeline.tuning import (SearchSettings, TuneBudget, _allot, open_database, repair_database,
+                             tune)
+
+FAST = SearchSettings(trials_per_iter=4, population_size=32, init_min_unmeasured=8, runner_number=1,
+                      runner_min_repeat_ms=0)
+
+
+def _records(db_dir):
+    path = db_dir / "database_tuning_record.json"
+    return path.read_text().count("\n") if path.exists() else 0
+
+
+def test_tune_commits_records_then_resumes_without_new_trials(mlp_mod, tmp_path):
+    _, mod, target = mlp_mod
+    first = tune(mod, target, tmp_path / "db", tmp_path / "logs", TuneBudget(trials=4), FAST)
+    assert len(first.tasks) == 2
+    assert first.trials_new == 4 and first.trials_reused == 0
+    assert _records(tmp_path / "db") == first.trials_new
+    assert all(t.best_us is not None and t.trials_new == 2 for t in first.tasks)
+    assert first.estimated_ms() is not None and first.curve
+    assert list((tmp_path / "logs").glob("task_*.log")), "MetaSchedule logs go to the run folder"
+
+    again = tune(mod, target, tmp_path / "db", tmp_path / "logs2", TuneBudget(trials=4), FAST)
+    assert again.trials_new == 0 and again.trials_reused == 4
+    assert again.wall_s < first.wall_s / 2
+    assert _records(tmp_path / "db") == 4
+
+    more = tune(mod, target, tmp_path / "db", tmp_path / "logs3", TuneBudget(trials=6, trials_per_task=3), FAST)
+    assert more.trials_new == 2 and all(t.trials == 3 for t in more.tasks)
+
+
+def test_interrupt_keeps_every_finished_record(mlp_mod, tmp_path):
+    _, mod, target = mlp_mod
+    seen = []
+
+    def stop_after_first_batch(event):
+        seen.append(event.trials_done)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        tune(mod, target, tmp_path / "db", tmp_path / "logs", TuneBudget(trials=16), FAST,
+             progress=stop_after_first_batch)
+    assert _records(tmp_path / "db") == seen[0] > 0
+    resumed = tune(mod, target, tmp_path / "db", tmp_path / "logs", TuneBudget(trials=0), FAST)
+    assert sum(t.trials_before for t in resumed.tasks) == seen[0]
+
+
+def test_time_budget_and_stop_flag_stop_cleanly(mlp_mod, tmp_path):
+    _, mod, target = mlp_mod
+    timed = tune(mod, target, tmp_path / "a", tmp_path / "logs", TuneBudget(trials=16, time_budget_s=1e-3),
+                 FAST)
+    assert timed.stop_reason == "time" and 0 < timed.trials_new < 16
+    assert _records(tmp_path / "a") == timed.trials_new
+    stopped = tune(mod, target, tmp_path / "b", tmp_path / "logs", TuneBudget(trials=16), FAST,
+                   should_stop=lambda: True)
+    assert stopped.stop_reason == "interrupted" and stopped.trials_new == 0
+
+
+def test_zero_trials_searches_nothing(mlp_mod, tmp_path):
+    _, mod, target = mlp_mod
+    report = tune(mod, target, tmp_path / "db", tmp_path / "logs", TuneBudget(trials=0), FAST)
+    assert report.trials_new == 0 and report.stop_reason == "no-search"
+
+
+def test_allotment():
+    assert _allot(TuneBudget(trials=64), 29) == 3
+    assert _allot(TuneBudget(trials=64, trials_per_task=10), 29) == 10
+    assert _allot(TuneBudget(trials=0), 5) == 1
+
+
+def test_truncated_last_record_is_dropped(tmp_path):
+    good = '[0, ["trace", [1.0], {}, []]]\n'
+    path = tmp_path / "database_tuning_record.json"
+    path.write_text(good + '[0, ["tra')
+    repair_database(tmp_path)
+    assert path.read_text() == good
+
+
+def test_open_database_creates_the_folder(tmp_path):
+    db = open_database(tmp_path / "x" / "y")
+    assert len(db) == 0 and (tmp_path / "x" / "y").is_dir()
