@@ -113,7 +113,7 @@ class _StopRequest:
 def run(
     model: Annotated[str, typer.Option("--model", "-m", help="Zoo name (see `tune models`) or .onnx path.")],
     target: Annotated[str, typer.Option(help="auto, a preset name (see `tune targets`) or a JSON TVM target.")] = "auto",
-    trials: Annotated[int, typer.Option(help="Total trials the model may have in the database; 0 = no search.")] = 64,
+    trials: Annotated[int, typer.Option(help="Total trials the model may have in the database; 0 = no search.")] = 256,
     trials_per_task: Annotated[Optional[int], typer.Option(help="Cap per task (default: trials spread evenly).")] = None,
     time_budget: Annotated[Optional[str], typer.Option(help="Stop tuning after this long, e.g. 30m, 90s, 1h.")] = None,
     tuning_logs: Annotated[Path, typer.Option(help="Root of the MetaSchedule databases (one folder per preset).")] = Path("tuning_logs"),
@@ -167,6 +167,7 @@ def _run(model, target, trials, trials_per_task, time_budget, tuning_logs, out_d
             "latency_ms": result.latency_ms, "speedups": result.speedups,
             "verified": result.verified, "artifact": result.artifact,
             "mlflow_run_id": result.mlflow_run_id, "stop_reason": result.tune_stop_reason,
+            "kernels_scheduled": result.scheduled_kernels, "verification": result.verification,
             "stage_seconds": result.stage_seconds}))
 
 

@@ -133,15 +133,17 @@ def _specs(values, shapes: dict[str, list[int]] | None = None) -> list[TensorSpe
 
 
 def import_model(source: str, options: dict[str, object] | None = None,
-                 input_shapes: dict[str, list[int]] | None = None) -> ImportedModel:
+                 input_shapes: dict[str, list[int]] | None = None,
+                 loaded: tuple[str, onnx.ModelProto, str] | None = None) -> ImportedModel:
     """Load, simplify, check and convert a model to Relax.
 
     Weights stay constants in `main` (the frontend needs initializers such as Reshape's shape as
     constants; the passes fold into them); `LiftConstantsToParams` detaches them again for export.
+    `loaded` is what `load_onnx(source, options)` returned, when the caller has it already.
     """
     from tvm.relax.frontend.onnx import from_onnx
 
-    name, model, task = load_onnx(source, options)
+    name, model, task = loaded or load_onnx(source, options)
     sha = hashlib.sha256(model.SerializeToString()).hexdigest()
     shapes = _static_shapes(model, input_shapes or {})
     simplified = simplify(model, shapes)

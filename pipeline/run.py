@@ -65,8 +65,7 @@ def prepare(config: RunConfig):
     resolved = resolve_target(config.target)
     check_writable(config.out)
     check_writable(config.tuning_logs)
-    name, onnx_model, _ = load_onnx(config.model, config.model_options)
-    return resolved, name
+    return resolved, load_onnx(config.model, config.model_options)
 
 
 @contextmanager
@@ -87,7 +86,8 @@ def run_pipeline(config: RunConfig, progress: ProgressCallback = no_progress,
     from pipeline.tracking import RunRecorder, tracking_uri
 
     tvm_compat.apply()
-    resolved, name = prepare(config)
+    resolved, loaded = prepare(config)
+    name = loaded[0]
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     run_dir = config.runs_dir / f"{name}-{resolved.preset}-{stamp}"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -97,9 +97,9 @@ def run_pipeline(config: RunConfig, progress: ProgressCallback = no_progress,
                            run_name=f"{name}-{resolved.preset}-{stamp}",
                            tags={"model": name, "preset": resolved.preset, "variant": "fp32"})
     result.mlflow_run_id = recorder.run_id
-    file_log = _attach_run_log(run_dir)
+    file_log, root_level = _attach_run_log(run_dir)
     try:
-        _run_stages(config, resolved, result, recorder, run_dir, progress, should_stop,
+        _run_stages(config, resolved, loaded, result, recorder, run_dir, progress, should_stop,
                     detect_host())
         recorder.finish("FINISHED")
     except KeyboardInterrupt:
@@ -114,6 +114,7 @@ def run_pipeline(config: RunConfig, progress: ProgressCallback = no_progress,
     finally:
         (run_dir / "summary.json").write_text(json.dumps(result.summary(), indent=2, default=str))
         logging.getLogger().removeHandler(file_log)
+        logging.getLogger().setLevel(root_level)
         file_log.close()
         try:
             recorder.artifact(run_dir, "run")
@@ -122,18 +123,20 @@ def run_pipeline(config: RunConfig, progress: ProgressCallback = no_progress,
     return result
 
 
-def _attach_run_log(run_dir: Path) -> logging.Handler:
+def _attach_run_log(run_dir: Path) -> tuple[logging.Handler, int]:
+    """The run folder's pipeline.log gets INFO and up, whatever the console shows."""
     handler = logging.FileHandler(run_dir / "pipeline.log")
     handler.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] %(name)s: %(message)s"))
     handler.setLevel(logging.INFO)
     root = logging.getLogger()
+    level = root.level
     root.addHandler(handler)
-    if root.level > logging.INFO or root.level == logging.NOTSET:
+    if level > logging.INFO or level == logging.NOTSET:
         root.setLevel(logging.INFO)
-    return handler
+    return handler, level
 
 
-def _run_stages(config, resolved, result: RunResult, recorder, run_dir: Path,
+def _run_stages(config, resolved, loaded, result: RunResult, recorder, run_dir: Path,
                 progress: ProgressCallback, should_stop, host) -> None:
     from pipeline.build import build
     from pipeline.export import export_artifact, versions
@@ -165,7 +168,7 @@ def _run_stages(config, resolved, result: RunResult, recorder, run_dir: Path,
     log.info("graph passes:\n%s", "\n".join(describe_passes(passes)))
 
     with _stage(result, "import", progress, f"importing {config.model}", should_stop):
-        model = import_model(config.model, config.model_options, config.input_shapes)
+        model = import_model(config.model, config.model_options, config.input_shapes, loaded)
         recorder.params({"model_sha256": model.sha256,
                          "inputs": json.dumps([s.as_dict() for s in model.inputs])})
     with _stage(result, "passes", progress, f"{len(passes)} graph passes", should_stop):

@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -27,7 +29,7 @@ FAILED_RUN_SECS = 1e10  # what MetaSchedule's AddToDatabase stores for a failed 
 
 @dataclass(frozen=True)
 class TuneBudget:
-    trials: int = 64                       # new + reused trials the model may have in total
+    trials: int = 256                      # new + reused trials the model may have in total
     trials_per_task: int | None = None     # cap per task; default: trials spread evenly
     time_budget_s: float | None = None     # stop starting batches when this runs out
 
@@ -93,6 +95,44 @@ def fast_build(mod, target, _params):
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
 
     return tvm.tirx.build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
+
+
+class WarmBuilder:
+    """MetaSchedule's LocalBuilder with its worker processes kept between batches.
+
+    LocalBuilder starts a fresh process pool for every batch (~2-3 s of interpreter start-up and
+    `import tvm`, more than building one candidate) to dodge a slow leak in long-lived workers; we
+    keep the pool and recycle it every `recycle_every` batches instead, which bounds the leak too.
+    """
+
+    def __init__(self, max_workers: int, timeout_sec: float, recycle_every: int = 25) -> None:
+        self.max_workers, self.timeout_sec, self.recycle_every = max_workers, timeout_sec, recycle_every
+        self._pool, self._uses = None, 0
+
+    def build(self, inputs: list) -> list:
+        from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
+        from tvm.s_tir.meta_schedule.builder import BuilderResult
+        from tvm.s_tir.meta_schedule.builder.local_builder import _worker_func
+
+        if self._pool is None or self._uses >= self.recycle_every:
+            self.shutdown()
+            self._pool = PopenPoolExecutor(max_workers=self.max_workers, timeout=self.timeout_sec)
+        self._uses += 1
+        results = []
+        for res in self._pool.map_with_error_catching(
+                lambda x: _worker_func(*x), [(fast_build, None, i.mod, i.target, None) for i in inputs]):
+            if res.status == StatusKind.COMPLETE:
+                results.append(BuilderResult(res.value, None))
+            elif res.status == StatusKind.TIMEOUT:
+                results.append(BuilderResult(None, f"build timed out after {self.timeout_sec} s"))
+            else:
+                results.append(BuilderResult(None, f"build failed:\n{res.value}"))
+        return results
+
+    def shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool, self._uses = None, 0
 
 
 def workload_key(mod) -> str:
@@ -172,6 +212,21 @@ def _metaschedule_logs(log_dir: Path):
         ms_logger.propagate = saved[1]
 
 
+@contextmanager
+def _native_stderr_to(path: Path):
+    """TVM's C++ warnings (e.g. "Unknown schedule rule ...") write straight to fd 2; while design
+    spaces are generated they go to the run's log file instead of the user's terminal."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(path, "ab") as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def _task_logger(log_dir: Path, index: int, name: str) -> logging.Logger:
     logger = logging.getLogger(f"pipeline.tuning.task{index}")
     for h in list(logger.handlers):
@@ -192,7 +247,13 @@ class _Task:
     key: str
     cap: int
     ctx: object = None
+    batch: int = 0                   # the batch size `ctx` was prepared for
     logger: logging.Logger | None = None
+
+    def close(self) -> None:
+        if self.ctx is not None:
+            self.ctx.post_tuning()
+            self.ctx = None
 
     @property
     def wants(self) -> int:
@@ -204,6 +265,15 @@ class _Task:
         if r.best_us is None:
             return True, r.weight * r.flops
         return False, r.weight * r.best_us
+
+
+def _batch_limit(task: _Task, open_tasks: list[_Task], remaining: int) -> int:
+    """A task's first batch is at most its fair share of what is left, so that a small budget
+    still gives every task a schedule before any task gets a second batch."""
+    unmeasured = [t for t in open_tasks if t.report.trials == 0]
+    if task.report.trials == 0:
+        return max(1, remaining // len(unmeasured))
+    return remaining
 
 
 def _allot(budget: TuneBudget, n_tasks: int) -> int:
@@ -251,8 +321,7 @@ def tune(mod, target, database_dir: Path, log_dir: Path, budget: TuneBudget,
         return report
 
     cost_model = ms.cost_model.CostModel.create("xgb", num_tuning_cores=_cores(target))
-    builder = ms.builder.LocalBuilder(max_workers=_cores(target), timeout_sec=settings.builder_timeout_s,
-                                      f_build=fast_build)
+    builder = WarmBuilder(max_workers=_cores(target), timeout_sec=settings.builder_timeout_s)
     runner = ms.runner.LocalRunner(
         timeout_sec=settings.runner_timeout_s,
         evaluator_config=ms.runner.EvaluatorConfig(number=settings.runner_number, repeat=1,
@@ -277,7 +346,8 @@ def tune(mod, target, database_dir: Path, log_dir: Path, budget: TuneBudget,
                 index = tasks.index(task)
                 t0 = time.perf_counter()
                 n = _tune_batch(task, index, target, db, cost_model, builder, runner, settings,
-                                log_dir, limit=allowed - done, should_stop=should_stop)
+                                log_dir, limit=_batch_limit(task, open_tasks, allowed - done),
+                                should_stop=should_stop)
                 if n == 0 and should_stop():
                     report.stop_reason = "interrupted"
                     break
@@ -300,10 +370,9 @@ def tune(mod, target, database_dir: Path, log_dir: Path, budget: TuneBudget,
             else:
                 report.stop_reason = "budget"
         finally:
+            builder.shutdown()
             for t in tasks:
-                if t.ctx is not None:
-                    t.ctx.post_tuning()
-                    t.ctx = None
+                t.close()
     report.trials_new = done
     report.wall_s = time.perf_counter() - start
     if report.stop_reason == "no-search":
@@ -320,18 +389,24 @@ def _device_type(target) -> str:
     return "cpu" if target.kind.name == "llvm" else target.kind.name
 
 
-def _context(task: _Task, index: int, target, db, cost_model, settings: SearchSettings, log_dir: Path):
+def _context(task: _Task, index: int, target, db, cost_model, settings: SearchSettings, log_dir: Path,
+             batch: int):
+    """A TuneContext whose evolutionary search is sized to the batch: sampling and evolving a
+    population of 256 costs ~6 s, wasted when the batch measures one or two candidates."""
     from tvm.s_tir import meta_schedule as ms
 
-    task.logger = _task_logger(log_dir, index, task.report.name)
+    task.logger = task.logger or _task_logger(log_dir, index, task.report.name)
+    population = min(settings.population_size, max(32, 16 * batch))
     strategy = ms.search_strategy.EvolutionarySearch(
-        population_size=settings.population_size, init_min_unmeasured=settings.init_min_unmeasured)
-    ctx = ms.TuneContext(mod=task.mod, target=target, space_generator="post-order-apply",
-                         search_strategy=strategy, task_name=task.report.name,
-                         num_threads=_cores(target), rand_state=settings.seed + index,
-                         logger=task.logger)
-    ctx.pre_tuning(max_trials=task.wants, num_trials_per_iter=settings.trials_per_iter,
-                   design_spaces=ctx.generate_design_space(), database=db, cost_model=cost_model)
+        population_size=population, init_min_unmeasured=min(settings.init_min_unmeasured, population // 2))
+    with _native_stderr_to(log_dir / "native.log"):
+        ctx = ms.TuneContext(mod=task.mod, target=target, space_generator="post-order-apply",
+                             search_strategy=strategy, task_name=task.report.name,
+                             num_threads=_cores(target), rand_state=settings.seed + index,
+                             logger=task.logger)
+        spaces = ctx.generate_design_space()
+    ctx.pre_tuning(max_trials=task.wants, num_trials_per_iter=batch,
+                   design_spaces=spaces, database=db, cost_model=cost_model)
     return ctx
 
 
@@ -343,13 +418,18 @@ def _tune_batch(task: _Task, index: int, target, db, cost_model, builder, runner
     A stop request ends the batch after the current measurement; the records so far are kept."""
     from tvm.s_tir import meta_schedule as ms
 
-    if task.ctx is None:
-        task.ctx = _context(task, index, target, db, cost_model, settings, log_dir)
+    t0 = time.perf_counter()
+    batch = min(settings.trials_per_iter, limit, task.wants)
+    if task.ctx is None or task.batch != batch:
+        task.close()
+        task.ctx, task.batch = _context(task, index, target, db, cost_model, settings, log_dir, batch), batch
     candidates = task.ctx.generate_measure_candidates()
     if not candidates:
         return 0
-    candidates = list(candidates)[:min(limit, task.wants)]
+    candidates = list(candidates)[:batch]
+    t1 = time.perf_counter()
     built = builder.build([ms.builder.BuilderInput(c.sch.mod, target) for c in candidates])
+    t2 = time.perf_counter()
     runnable = [i for i, b in enumerate(built) if b.error_msg is None]
     futures = dict(zip(runnable, runner.run([
         ms.runner.RunnerInput(built[i].artifact_path, _device_type(target), candidates[i].args_info)
@@ -378,8 +458,12 @@ def _tune_batch(task: _Task, index: int, target, db, cost_model, builder, runner
         for b in built:
             if b.artifact_path:
                 shutil.rmtree(Path(b.artifact_path).parent, ignore_errors=True)
+    t3 = time.perf_counter()
     measured = candidates[:len(results)]
     if measured:
         task.ctx.notify_runner_results(measured, results)
         cost_model.update(task.ctx, measured, results)
+    log.info("task %s: %d candidates (%d built): search %.1fs, build %.1fs, run %.1fs, model %.1fs",
+             task.report.name, len(candidates), len(runnable), t1 - t0, t2 - t1, t3 - t2,
+             time.perf_counter() - t3)
     return len(measured)

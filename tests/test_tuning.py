@@ -81,3 +81,11 @@ def test_truncated_last_record_is_dropped(tmp_path):
 def test_open_database_creates_the_folder(tmp_path):
     db = open_database(tmp_path / "x" / "y")
     assert len(db) == 0 and (tmp_path / "x" / "y").is_dir()
+
+
+def test_small_budget_reaches_every_task_first(mlp_mod, tmp_path):
+    _, mod, target = mlp_mod
+    report = tune(mod, target, tmp_path / "db", tmp_path / "logs", TuneBudget(trials=3, trials_per_task=3),
+                  FAST)
+    assert report.trials_new == 3
+    assert sorted(t.trials_new for t in report.tasks) == [1, 2]
