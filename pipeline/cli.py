@@ -124,7 +124,7 @@ def run(
     skip_untuned: Annotated[bool, typer.Option(help="Do not build and measure the untuned module.")] = False,
     tolerance: Annotated[float, typer.Option(help="Max relative output error against ONNX Runtime.")] = 1e-3,
     repeats: Annotated[int, typer.Option(help="Timed calls per runner (at most).")] = 50,
-    measure_seconds: Annotated[float, typer.Option(help="Time cap per runner while measuring.")] = 10.0,
+    measure_seconds: Annotated[float, typer.Option(help="Time cap per runner while measuring.")] = 5.0,
     model_option: Annotated[Optional[list[str]], typer.Option(help="Zoo model option KEY=VALUE (repeatable), e.g. layers=2.")] = None,
     input_shape: Annotated[Optional[list[str]], typer.Option(help="Fix an input shape NAME=D1,D2,... (repeatable).")] = None,
     seed: Annotated[int, typer.Option(help="Seed for inputs and search.")] = 0,

@@ -12,9 +12,10 @@ import numpy as np
 
 @dataclass(frozen=True)
 class MeasureSettings:
-    warmup: int = 3
+    warmup: int = 3                 # untimed calls per runner, but no more than ...
+    warmup_seconds: float = 1.0     # ... this long (one call at least: a 2 s call needs no three)
     repeats: int = 50               # timed calls per runner at most ...
-    max_seconds: float = 10.0       # ... or until a runner has used this much time
+    max_seconds: float = 5.0        # ... or until a runner has used this much time
     min_repeats: int = 3            # ... but never fewer than this
 
 
@@ -43,7 +44,10 @@ def measure_interleaved(runners: dict[str, Callable[[], object]],
                         settings: MeasureSettings = MeasureSettings()) -> dict[str, Latency]:
     """Each runner is a zero-argument call that runs one inference (inputs bound in advance)."""
     for fn in runners.values():
-        for _ in range(settings.warmup):
+        start = time.perf_counter()
+        for i in range(settings.warmup):
+            if i and time.perf_counter() - start > settings.warmup_seconds:
+                break
             fn()
     samples: dict[str, list[float]] = {name: [] for name in runners}
     spent = dict.fromkeys(runners, 0.0)

@@ -31,8 +31,8 @@ def graph_passes(layout: str = "NCHW") -> list[NamedPass]:
     from tvm.relax import transform as T
 
     return [
-        NamedPass("FoldBatchnormToConv2D", "fold BN scale/shift into the preceding conv's weights",
-                  T.FoldBatchnormToConv2D),
+        NamedPass("FoldBatchnormToConv2D", "fold BN into the preceding conv's weights (the import "
+                  "already fused Conv+BN in ONNX; this catches the rest)", T.FoldBatchnormToConv2D),
         NamedPass("FoldConstant", "materialise the folded weights (ConvertLayout needs constants)",
                   T.FoldConstant),
         NamedPass("DecomposeOpsForInference", "lower the BNs no conv precedes to elementwise ops",
