@@ -229,10 +229,11 @@ def _targets() -> None:
 
     host = detect_host()
     auto = resolve_target("auto", host)
-    table = Table("preset", "arch", "requires", "TVM target", "description")
+    table = Table("preset", "requires", "mcpu / arch", "description")
     for p in load_presets().values():
         mark = " [green](auto)[/]" if p.name == auto.preset else ""
-        table.add_row(p.name + mark, p.arch, ",".join(p.requires), json.dumps(p.target), p.description)
+        table.add_row(p.name + mark, " ".join(p.requires), p.target.get("mcpu") or p.target.get("arch", ""),
+                      p.description)
     out.print(table)
     out.print(f"auto -> [bold]{auto.preset}[/]: {auto.reason}")
     out.print(f"target: {json.dumps(auto.target_dict)}")

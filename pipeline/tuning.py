@@ -373,6 +373,9 @@ def tune(mod, target, database_dir: Path, log_dir: Path, budget: TuneBudget,
             builder.shutdown()
             for t in tasks:
                 t.close()
+                for h in list(t.logger.handlers) if t.logger else []:
+                    t.logger.removeHandler(h)
+                    h.close()
     report.trials_new = done
     report.wall_s = time.perf_counter() - start
     if report.stop_reason == "no-search":

@@ -1,0 +1,25 @@
+"""The library entry point: stages in order, progress through the callback, nothing printed."""
+
+from pipeline.config import RunConfig
+from pipeline.measure import MeasureSettings
+from pipeline.run import run_pipeline
+from pipeline.tuning import TuneBudget
+from tests.conftest import mlp_onnx
+
+
+def test_run_pipeline_reports_progress_and_prints_nothing(tmp_path, capfd):
+    events = []
+    config = RunConfig(model=str(mlp_onnx(tmp_path / "mlp.onnx")), budget=TuneBudget(trials=2),
+                       tuning_logs=tmp_path / "logs", out=tmp_path / "out", runs_dir=tmp_path / "runs",
+                       tracking_uri=f"sqlite:///{tmp_path / 'm.db'}", skip_untuned=True,
+                       measure=MeasureSettings(warmup=1, repeats=3))
+    result = run_pipeline(config, progress=events.append)
+    out, err = capfd.readouterr()
+    assert out == "", "the library never prints"
+    stages = [e.stage for e in events if e.n_tasks is None]
+    assert stages == ["import", "passes", "tune", "build", "verify", "measure", "export"]
+    tune_events = [e for e in events if e.n_tasks is not None]
+    assert tune_events and tune_events[-1].trials_done == 2 == tune_events[-1].trials_total
+    assert result.verified and result.trials_new == 2 and set(result.latency_ms) == {"tuned", "onnxruntime"}
+    assert (tmp_path / "runs" / result.run_dir.split("/")[-1] / "summary.json").exists()
+    assert sorted(result.stage_seconds) == sorted(stages)
