@@ -44,6 +44,7 @@ def main() -> None:
     print(f"run 2: {second_s:7.1f} s  trials new {second['trials_new']:4d} reused {second['trials_reused']}")
     print(f"resume wall-time ratio (run 2 / run 1): {second_s / first_s:.2f}")
     for name, run in (("run 1", first), ("run 2", second)):
+        print(f"{name} stages (s): {run['stage_seconds']}")
         lat = run["latency_ms"]
         print(f"{name}: tuned {lat['tuned']:.2f} ms | onnxruntime {lat['onnxruntime']:.2f} ms "
               f"(tuned/ort {lat['tuned'] / lat['onnxruntime']:.2f}x) | untuned {lat['untuned']:.1f} ms "
