@@ -41,13 +41,18 @@ def _count_scheduled(mod) -> tuple[int, int]:
     return sum(bool(f.attrs and f.attrs.get("tirx.is_scheduled", False)) for f in funcs), len(funcs)
 
 
-def build(mod, target, database_dir: Path | None = None) -> BuiltModule:
-    """Compile a fused Relax module (the output of the graph passes) for `target`."""
+def build(mod, target, database_dir: Path | None = None, post_passes: list | None = None) -> BuiltModule:
+    """Compile a fused Relax module (the output of the graph passes) for `target`; `post_passes`
+    (pipeline.passes.post_tuning_passes) run after the database is applied."""
     import tvm
+
+    from pipeline.passes import apply_passes
 
     mod = apply_database(mod, target, database_dir)
     scheduled, total = _count_scheduled(mod)
     log.info("%d of %d kernels scheduled from the database", scheduled, total)
+    if post_passes:
+        mod = apply_passes(mod, target, post_passes)
     mod, params = LiftConstantsToParams(mod)
     executable = tvm.compile(mod, target=target)
     return BuiltModule(executable, params, scheduled, total)

@@ -113,9 +113,10 @@ class _StopRequest:
 def run(
     model: Annotated[str, typer.Option("--model", "-m", help="Zoo name (see `tune models`) or .onnx path.")],
     target: Annotated[str, typer.Option(help="auto, a preset name (see `tune targets`) or a JSON TVM target.")] = "auto",
-    trials: Annotated[int, typer.Option(help="Total trials the model may have in the database; 0 = no search.")] = 256,
-    trials_per_task: Annotated[Optional[int], typer.Option(help="Cap per task (default: trials spread evenly).")] = None,
-    time_budget: Annotated[Optional[str], typer.Option(help="Stop tuning after this long, e.g. 30m, 90s, 1h.")] = None,
+    budget: Annotated[str, typer.Option(help="Tuning budget preset: quick, default or full (see README).")] = "quick",
+    trials: Annotated[Optional[int], typer.Option(help="Total trials the model may have in the database; 0 = no search (overrides --budget).")] = None,
+    trials_per_task: Annotated[Optional[int], typer.Option(help="Cap per task (default: the budget's, or --trials spread evenly).")] = None,
+    time_budget: Annotated[Optional[str], typer.Option(help="Stop tuning after this long, e.g. 30m, 90s, 1h (overrides --budget).")] = None,
     tuning_logs: Annotated[Path, typer.Option(help="Root of the MetaSchedule databases (one folder per preset).")] = Path("tuning_logs"),
     out_dir: Annotated[Path, typer.Option("--out", help="Where artifacts are exported.")] = Path("artifacts"),
     runs_dir: Annotated[Path, typer.Option(help="Where run folders (logs, summary) go.")] = Path("runs"),
@@ -135,21 +136,21 @@ def run(
     _guard(_run, **locals())
 
 
-def _run(model, target, trials, trials_per_task, time_budget, tuning_logs, out_dir, runs_dir,
+def _run(model, target, budget, trials, trials_per_task, time_budget, tuning_logs, out_dir, runs_dir,
          tracking_uri, experiment, skip_untuned, tolerance, repeats, measure_seconds, model_option,
          input_shape, seed, show_passes, as_json) -> None:
-    from pipeline.config import RunConfig, parse_duration, parse_model_options, parse_shape_overrides
+    from pipeline.config import RunConfig, parse_model_options, parse_shape_overrides, resolve_budget
     from pipeline.measure import MeasureSettings
     from pipeline.run import run_pipeline
-    from pipeline.tuning import TuneBudget
-
+    tune_budget, budget_line = resolve_budget(budget, trials, trials_per_task, time_budget)
     config = RunConfig(
         model=model, model_options=parse_model_options(model_option or []),
         input_shapes=parse_shape_overrides(input_shape or []), target=target,
-        budget=TuneBudget(trials, trials_per_task, parse_duration(time_budget) if time_budget else None),
+        budget=tune_budget,
         tuning_logs=tuning_logs, out=out_dir, runs_dir=runs_dir, tracking_uri=tracking_uri,
         experiment=experiment, skip_untuned=skip_untuned, tolerance=tolerance,
         measure=MeasureSettings(repeats=repeats, max_seconds=measure_seconds), seed=seed)
+    err.print(budget_line)
     if show_passes:
         _print_passes(target)
     stop = _StopRequest()
@@ -172,12 +173,14 @@ def _run(model, target, trials, trials_per_task, time_budget, tuning_logs, out_d
 
 
 def _print_passes(target: str) -> None:
-    from pipeline.passes import describe_passes, graph_passes
+    from pipeline.passes import describe_passes, graph_passes, post_tuning_passes
     from pipeline.targets import resolve_target
 
     resolved = resolve_target(target)
-    out.print(f"[bold]graph passes for {resolved.preset}[/]")
-    for line in describe_passes(graph_passes(resolved.tuning.get("layout", "NCHW"))):
+    prepack = bool(resolved.tuning.get("weight_prepack", False))
+    out.print(f"[bold]graph passes for {resolved.preset}[/] (before tuning, then after it)")
+    for line in describe_passes(graph_passes(resolved.tuning.get("layout", "NCHW"), prepack)
+                                + post_tuning_passes(prepack)):
         out.print(line)
 
 

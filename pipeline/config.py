@@ -30,6 +30,51 @@ class RunConfig:
     seed: int = 0
 
 
+@dataclass(frozen=True)
+class BudgetPreset:
+    """One knob for how much tuning to buy (hidet's search_space 0/1/2 is the model)."""
+
+    name: str
+    trials_per_task: int
+    time_budget_s: float
+    description: str
+
+    def budget(self) -> TuneBudget:
+        return TuneBudget(trials=None, trials_per_task=self.trials_per_task,
+                          time_budget_s=self.time_budget_s)
+
+    def describe(self) -> str:
+        return (f"budget {self.name}: up to {self.trials_per_task} trials per task, "
+                f"at most {self.time_budget_s / 60:g} min of tuning ({self.description})")
+
+
+BUDGETS = {b.name: b for b in (
+    BudgetPreset("quick", 8, 10 * 60, "a first tuned module in minutes"),
+    BudgetPreset("default", 32, 30 * 60, "most of the gain; a nightly job"),
+    BudgetPreset("full", 128, 4 * 3600, "the long search, for releases"),
+)}
+
+
+def resolve_budget(name: str, trials: int | None = None, trials_per_task: int | None = None,
+                   time_budget: str | None = None) -> tuple[TuneBudget, str]:
+    """A preset, with any explicit flag overriding its part; returns the budget and its summary."""
+    if name not in BUDGETS:
+        raise UserError(f"unknown budget {name!r}: use one of {', '.join(BUDGETS)}")
+    preset = BUDGETS[name]
+    base = preset.budget()
+    budget = TuneBudget(
+        trials=trials,
+        trials_per_task=trials_per_task if trials_per_task is not None else
+        (None if trials is not None else base.trials_per_task),
+        time_budget_s=parse_duration(time_budget) if time_budget else base.time_budget_s)
+    if trials is None and trials_per_task is None and time_budget is None:
+        return budget, preset.describe()
+    parts = [f"{trials} trials" if trials is not None else
+             f"up to {budget.trials_per_task} trials per task",
+             f"at most {budget.time_budget_s / 60:g} min of tuning"]
+    return budget, f"budget {name} with overrides: {', '.join(parts)}"
+
+
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|hr)?\s*$", re.IGNORECASE)
 _UNIT_S = {None: 1, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "hr": 3600}
 

@@ -56,7 +56,7 @@ def prepare(config: RunConfig):
     from pipeline.importer import load_onnx
     from pipeline.targets import resolve_target
 
-    if config.budget.trials < 0:
+    if config.budget.trials is not None and config.budget.trials < 0:
         raise UserError("--trials must be >= 0")
     if config.budget.trials_per_task is not None and config.budget.trials_per_task < 1:
         raise UserError("--trials-per-task must be >= 1")
@@ -142,7 +142,7 @@ def _run_stages(config, resolved, loaded, result: RunResult, recorder, run_dir: 
     from pipeline.export import export_artifact, versions
     from pipeline.importer import import_model
     from pipeline.measure import measure_interleaved
-    from pipeline.passes import apply_passes, describe_passes, graph_passes
+    from pipeline.passes import apply_passes, describe_passes, graph_passes, post_tuning_passes
     from pipeline.runtime import CompiledModel
     from pipeline.tuning import SearchSettings, tune
     from pipeline.verify import onnxruntime_session, seeded_inputs, verify
@@ -152,8 +152,10 @@ def _run_stages(config, resolved, loaded, result: RunResult, recorder, run_dir: 
         raise UserError(f"target {resolved.preset} cannot run on this {host.arch} machine; "
                         "cross-compiled export is not supported by `tune run` yet")
     settings = SearchSettings.from_preset(resolved.tuning)
-    passes = graph_passes(resolved.tuning.get("layout", "NCHW"))
-    result.passes = [p.name for p in passes]
+    prepack = bool(resolved.tuning.get("weight_prepack", False))
+    passes = graph_passes(resolved.tuning.get("layout", "NCHW"), prepack)
+    post_passes = post_tuning_passes(prepack)
+    result.passes = [p.name for p in passes + post_passes]
     db_dir = config.tuning_logs / resolved.preset
     recorder.params({
         "model": result.model, "model_source": config.model,
@@ -165,7 +167,7 @@ def _run_stages(config, resolved, loaded, result: RunResult, recorder, run_dir: 
         "tolerance": config.tolerance, "seed": config.seed,
         **{f"version.{k}": v for k, v in versions().items()},
     })
-    log.info("graph passes:\n%s", "\n".join(describe_passes(passes)))
+    log.info("graph passes:\n%s", "\n".join(describe_passes(passes + post_passes)))
 
     with _stage(result, "import", progress, f"importing {config.model}", should_stop):
         model = import_model(config.model, config.model_options, config.input_shapes, loaded)
@@ -186,7 +188,7 @@ def _run_stages(config, resolved, loaded, result: RunResult, recorder, run_dir: 
     recorder.series("tune_best_latency_ms", report.curve)
 
     with _stage(result, "build", progress, "compiling", should_stop):
-        built = build(mod, target, db_dir)
+        built = build(mod, target, db_dir, post_passes)
         result.scheduled_kernels = f"{built.scheduled_tasks}/{built.total_tasks}"
         compiled = CompiledModel(built.executable, list(built.params.values()))
         untuned = None

@@ -29,9 +29,15 @@ FAILED_RUN_SECS = 1e10  # what MetaSchedule's AddToDatabase stores for a failed 
 
 @dataclass(frozen=True)
 class TuneBudget:
-    trials: int = 256                      # new + reused trials the model may have in total
+    trials: int | None = 256               # new + reused trials the model may have in total
+                                           # (None: trials_per_task x number of tasks)
     trials_per_task: int | None = None     # cap per task; default: trials spread evenly
     time_budget_s: float | None = None     # stop starting batches when this runs out
+
+    def total(self, n_tasks: int) -> int:
+        if self.trials is not None:
+            return self.trials
+        return (self.trials_per_task or 0) * n_tasks
 
 
 @dataclass(frozen=True)
@@ -279,7 +285,7 @@ def _batch_limit(task: _Task, open_tasks: list[_Task], remaining: int) -> int:
 def _allot(budget: TuneBudget, n_tasks: int) -> int:
     if budget.trials_per_task is not None:
         return budget.trials_per_task
-    return max(1, math.ceil(budget.trials / max(n_tasks, 1)))
+    return max(1, math.ceil(budget.total(n_tasks) / max(n_tasks, 1)))
 
 
 def tune(mod, target, database_dir: Path, log_dir: Path, budget: TuneBudget,
@@ -310,17 +316,18 @@ def tune(mod, target, database_dir: Path, log_dir: Path, budget: TuneBudget,
                             exhausted=key in exhausted.keys)
         tasks.append(_Task(report, mod_t, key, cap))
     reused = sum(min(t.report.trials_before, cap) for t in tasks)
-    allowed = max(0, budget.trials - reused) if budget.trials > 0 else 0
+    total = budget.total(len(tasks))
+    allowed = max(0, total - reused) if total > 0 else 0
     allowed = min(allowed, sum(t.wants for t in tasks))
     log.info("%d tasks, %d trials per task, %d reused records, %d new trials allowed",
              len(tasks), cap, reused, allowed)
     report = TuneReport([t.report for t in tasks], 0, reused, 0.0, "no-search", str(database_dir))
     if allowed == 0:
-        report.stop_reason = "done" if budget.trials > 0 else "no-search"
+        report.stop_reason = "done" if total > 0 else "no-search"
         report.wall_s = time.perf_counter() - start
         return report
 
-    cost_model = ms.cost_model.CostModel.create("xgb", num_tuning_cores=_cores(target))
+    cost_model = _load_cost_model(database_dir, _cores(target))
     builder = WarmBuilder(max_workers=_cores(target), timeout_sec=settings.builder_timeout_s)
     runner = ms.runner.LocalRunner(
         timeout_sec=settings.runner_timeout_s,
@@ -370,6 +377,8 @@ def tune(mod, target, database_dir: Path, log_dir: Path, budget: TuneBudget,
             else:
                 report.stop_reason = "budget"
         finally:
+            if done:
+                _save_cost_model(cost_model, database_dir)
             builder.shutdown()
             for t in tasks:
                 t.close()
@@ -382,6 +391,34 @@ def tune(mod, target, database_dir: Path, log_dir: Path, budget: TuneBudget,
         report.stop_reason = "done"
     log.info("tuning stopped (%s): %d new trials in %.1fs", report.stop_reason, done, report.wall_s)
     return report
+
+
+COST_MODEL_FILE = "cost_model.tar"
+
+
+def _load_cost_model(database_dir: Path, cores: int):
+    """The preset's XGBoost model with every feature vector it has seen, so a new run (of any model
+    on this preset) starts from a trained model instead of 100 random samples."""
+    from tvm.s_tir import meta_schedule as ms
+
+    model = ms.cost_model.CostModel.create("xgb", num_tuning_cores=cores)
+    path = database_dir / COST_MODEL_FILE
+    if path.exists():
+        try:
+            model.load(str(path))
+            log.info("cost model warm-started from %s", path)
+        except Exception as exc:  # a corrupt or incompatible file costs a cold start, nothing more
+            log.warning("ignoring cost model %s: %s", path, exc)
+    return model
+
+
+def _save_cost_model(model, database_dir: Path) -> None:
+    tmp = database_dir / (COST_MODEL_FILE + ".tmp")
+    try:
+        model.save(str(tmp))
+        tmp.replace(database_dir / COST_MODEL_FILE)
+    except Exception as exc:
+        log.warning("could not save the cost model: %s", exc)
 
 
 def _cores(target) -> int:

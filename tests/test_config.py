@@ -25,3 +25,18 @@ def test_shapes_and_options():
             parse_shape_overrides(bad)
     with pytest.raises(UserError):
         parse_model_options(["novalue"])
+
+
+def test_budget_presets_and_overrides():
+    from pipeline.config import BUDGETS, resolve_budget
+
+    assert list(BUDGETS) == ["quick", "default", "full"]
+    quick, line = resolve_budget("quick")
+    assert quick.trials is None and quick.trials_per_task == 8 and quick.time_budget_s == 600
+    assert quick.total(29) == 232 and line.startswith("budget quick: up to 8 trials per task")
+    fixed, line = resolve_budget("quick", trials=64)
+    assert fixed.trials == 64 and fixed.trials_per_task is None and "64 trials" in line
+    capped, _ = resolve_budget("full", trials_per_task=4, time_budget="90s")
+    assert capped.trials_per_task == 4 and capped.time_budget_s == 90 and capped.total(3) == 12
+    with pytest.raises(UserError, match="unknown budget"):
+        resolve_budget("huge")

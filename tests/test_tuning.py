@@ -89,3 +89,14 @@ def test_small_budget_reaches_every_task_first(mlp_mod, tmp_path):
                   FAST)
     assert report.trials_new == 3
     assert sorted(t.trials_new for t in report.tasks) == [1, 2]
+
+
+def test_cost_model_is_saved_and_warm_starts(mlp_mod, tmp_path, caplog):
+    import logging
+
+    _, mod, target = mlp_mod
+    tune(mod, target, tmp_path / "db", tmp_path / "logs", TuneBudget(trials=2), FAST)
+    assert (tmp_path / "db" / "cost_model.tar").is_file()
+    with caplog.at_level(logging.INFO, logger="pipeline.tuning"):
+        tune(mod, target, tmp_path / "db", tmp_path / "logs", TuneBudget(trials=4), FAST)
+    assert "cost model warm-started" in caplog.text

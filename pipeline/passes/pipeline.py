@@ -27,7 +27,14 @@ def _layout_pass(layout: str):
     return transform.Sequential([], name="KeepLayout")
 
 
-def graph_passes(layout: str = "NCHW") -> list[NamedPass]:
+def _prepack_marker(prepack: bool):
+    from tvm import relax, transform
+
+    return relax.transform.AttachAttrLayoutFreeBuffers() if prepack else \
+        transform.Sequential([], name="NoWeightPrepack")
+
+
+def graph_passes(layout: str = "NCHW", prepack: bool = False) -> list[NamedPass]:
     from tvm.relax import transform as T
 
     return [
@@ -50,6 +57,26 @@ def graph_passes(layout: str = "NCHW") -> list[NamedPass]:
         NamedPass("FuseTIR", "merge each group into one PrimFunc: one tuning task", T.FuseTIR),
         NamedPass("DeadCodeElimination", "remove functions nothing calls any more",
                   T.DeadCodeElimination),
+        NamedPass(f"AttachAttrLayoutFreeBuffers({'on' if prepack else 'off'})",
+                  "mark weights as layout-free so tuned kernels may ask for a prepacked layout",
+                  lambda: _prepack_marker(prepack)),
+    ]
+
+
+def post_tuning_passes(prepack: bool = False) -> list[NamedPass]:
+    """After the database is applied: move the weight layout rewrites the tuned kernels asked for
+    out of the kernels, and fold them into the (constant) weights, so they run at build time once."""
+    from tvm import transform
+    from tvm.relax import transform as T
+
+    if not prepack:
+        return []
+    return [
+        NamedPass("SplitLayoutRewritePreproc", "split each kernel's weight rewrite into its own function",
+                  T.SplitLayoutRewritePreproc),
+        NamedPass("FoldConstant", "run the rewrites on the constant weights now, not per inference",
+                  T.FoldConstant),
+        NamedPass("DeadCodeElimination", "drop the rewrite functions", T.DeadCodeElimination),
     ]
 
 
