@@ -25,9 +25,12 @@ def apply_database(mod, target, database_dir: Path | None):
     """Replace every PrimFunc that has a tuning record with its best schedule."""
     from tvm import relax
 
-    if database_dir is None or not (database_dir / "database_workload.json").exists():
-        return mod
+    from pipeline.logs import SHIPPED
     from pipeline.tuning import open_database
+
+    if database_dir is None or not ((database_dir / "database_workload.json").exists()
+                                    or (database_dir / SHIPPED).is_dir()):
+        return mod
 
     db = open_database(database_dir)
     with target, db:

@@ -285,5 +285,33 @@ def _predict(artifact: Path, input_path, output, check: bool) -> None:
             out.print(f"{s['name']}: shape {list(r.shape)} {r.dtype}, first values {r.ravel()[:5]}")
 
 
+logs_app = typer.Typer(no_args_is_help=True, help="Curate the tuning logs (one MetaSchedule database per preset).")
+app.add_typer(logs_app, name="logs")
+
+
+@logs_app.command("ship")
+def logs_ship(
+    preset: Annotated[str, typer.Option(help="Preset name, or auto for this machine's.")] = "auto",
+    tuning_logs: Annotated[Path, typer.Option(help="Root of the MetaSchedule databases.")] = Path("tuning_logs"),
+) -> None:
+    """Keep the best record per workload of a preset's database, gzipped under <preset>/shipped/
+    (what a fresh clone starts from; commit it)."""
+    _guard(_logs_ship, preset, tuning_logs)
+
+
+def _logs_ship(preset: str, tuning_logs: Path) -> None:
+    from pipeline.errors import UserError
+    from pipeline.logs import ship
+    from pipeline.targets import resolve_target
+
+    name = resolve_target(preset).preset
+    folder = tuning_logs / name
+    if not (folder / "database_tuning_record.json").is_file():
+        raise UserError(f"no tuning records for preset {name} in {folder}")
+    report = ship(folder)
+    out.print(f"{name}: {report.workloads} workloads, {report.records} records, "
+              f"{report.bytes_written / 1e3:.0f} kB in {report.folder}")
+
+
 if __name__ == "__main__":
     app()

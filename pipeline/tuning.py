@@ -158,10 +158,14 @@ def repair_database(directory: Path) -> None:
 
 
 def open_database(directory: Path):
+    """The preset's working database, with the shipped records merged in on first use."""
     from tvm.s_tir import meta_schedule as ms
+
+    from pipeline.logs import merge_shipped
 
     directory.mkdir(parents=True, exist_ok=True)
     repair_database(directory)
+    merge_shipped(directory)
     return ms.database.JSONDatabase(work_dir=str(directory), module_equality="structural")
 
 
@@ -299,10 +303,13 @@ def tune(mod, target, database_dir: Path, log_dir: Path, budget: TuneBudget,
     from tvm.s_tir import meta_schedule as ms
     from tvm.s_tir.analysis import estimate_tir_flops
 
+    from pipeline.logs import shipped_trials
+
     start = time.perf_counter()
     extracted = extract_tasks(mod, target)
     db = open_database(database_dir)
     stats = _record_stats(db)
+    spent = shipped_trials(database_dir)
     exhausted = _ExhaustedTasks(database_dir)
     cap = _allot(budget, len(extracted))
     tasks: list[_Task] = []
@@ -310,6 +317,7 @@ def tune(mod, target, database_dir: Path, log_dir: Path, budget: TuneBudget,
         mod_t = t.dispatched[0]
         key = workload_key(mod_t)
         n, best = stats.get(key, (0, None))
+        n = max(n, spent.get(key, 0))
         report = TaskReport(name=t.task_name, weight=int(t.weight),
                             flops=float(estimate_tir_flops(mod_t)), trials_before=n,
                             best_us=None if best is None else best * 1e6,

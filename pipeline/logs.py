@@ -1,0 +1,104 @@
+"""Shipped tuning logs: the best record per workload, compressed, committed under
+`tuning_logs/<preset>/shipped/`, and merged into the working database of a fresh checkout.
+
+The working database (`tuning_logs/<preset>/database_*.json`) is MetaSchedule's JSON database and
+stays out of git: every run appends to it. MetaSchedule stores each workload as base64 of indented
+JSON (~70 KB per ResNet kernel), so the shipped copy is gzipped (~20x smaller). Regenerate with
+`tune logs ship --preset NAME` after tuning.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+SHIPPED = "shipped"
+FILES = ("database_workload.json", "database_tuning_record.json")
+MERGED_MARK = "shipped.merged"   # sha256 of the shipped files last merged into the working database
+TRIALS_FILE = "trials.json"       # workload key -> trials the search spent on it before shipping
+
+
+@dataclass(frozen=True)
+class ShipReport:
+    workloads: int
+    records: int
+    bytes_written: int
+    folder: Path
+
+
+def ship(database_dir: Path) -> ShipReport:
+    """Prune the working database to its best record per workload and write the shipped copy."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from pipeline.tuning import _record_stats, open_database
+
+    source = open_database(database_dir)
+    out = database_dir / SHIPPED
+    spent = {key: n for key, (n, _) in _record_stats(source).items()}
+    with tempfile.TemporaryDirectory() as tmp:
+        pruned = ms.database.JSONDatabase(work_dir=tmp, module_equality="structural")
+        source.dump_pruned(pruned)
+        out.mkdir(parents=True, exist_ok=True)
+        size = 0
+        for name in FILES:
+            data = (Path(tmp) / name).read_bytes()
+            target = out / (name + ".gz")
+            # mtime=0: the same records give the same bytes, so git sees no change
+            with open(target, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz:
+                gz.write(data)
+            size += target.stat().st_size
+        (out / TRIALS_FILE).write_text(json.dumps(spent, indent=0, sort_keys=True) + "\n")
+        n_records = (Path(tmp) / FILES[1]).read_text().count("\n")
+        n_workloads = (Path(tmp) / FILES[0]).read_text().count("\n")
+    log.info("shipped %d workloads, %d records (%d bytes) to %s", n_workloads, n_records, size, out)
+    return ShipReport(n_workloads, n_records, size, out)
+
+
+def shipped_trials(database_dir: Path) -> dict[str, int]:
+    """Trials spent on each shipped workload: a shipped record stands for the whole search behind
+    it, so a budget no larger than that search has nothing left to do."""
+    path = database_dir / SHIPPED / TRIALS_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for name in FILES:
+        h.update((folder / (name + ".gz")).read_bytes())
+    return h.hexdigest()
+
+
+def merge_shipped(database_dir: Path) -> int:
+    """Merge the shipped records into the working database once (per version of the shipped files).
+    Returns how many records were added."""
+    shipped = database_dir / SHIPPED
+    if not all((shipped / (n + ".gz")).is_file() for n in FILES):
+        return 0
+    digest = _digest(shipped)
+    mark = database_dir / MERGED_MARK
+    if mark.is_file() and mark.read_text().strip() == digest:
+        return 0
+    from tvm.s_tir import meta_schedule as ms
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in FILES:
+            with gzip.open(shipped / (name + ".gz"), "rb") as src, open(Path(tmp) / name, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        records = ms.database.JSONDatabase(work_dir=tmp, module_equality="structural")
+        working = ms.database.JSONDatabase(work_dir=str(database_dir), module_equality="structural")
+        added = 0
+        for rec in records.get_all_tuning_records():
+            workload = working.commit_workload(rec.workload.mod)
+            working.commit_tuning_record(ms.database.TuningRecord(
+                rec.trace, workload, rec.run_secs, rec.target, rec.args_info))
+            added += 1
+    mark.write_text(digest + "\n")
+    log.info("merged %d shipped records into %s", added, database_dir)
+    return added
