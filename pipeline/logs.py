@@ -37,11 +37,11 @@ def ship(database_dir: Path) -> ShipReport:
     """Prune the working database to its best record per workload and write the shipped copy."""
     from tvm.s_tir import meta_schedule as ms
 
-    from pipeline.tuning import _record_stats, open_database
+    from pipeline.tuning import record_stats, open_database
 
     source = open_database(database_dir)
     out = database_dir / SHIPPED
-    spent = {key: n for key, (n, _) in _record_stats(source).items()}
+    spent = {key: n for key, (n, _) in record_stats(source).items()}
     with tempfile.TemporaryDirectory() as tmp:
         pruned = ms.database.JSONDatabase(work_dir=tmp, module_equality="structural")
         source.dump_pruned(pruned)

@@ -175,7 +175,7 @@ def extract_tasks(mod, target) -> list:
     return list(ms.relax_integration.extract_tasks(mod, target, module_equality="structural"))
 
 
-def _record_stats(db) -> dict[str, tuple[int, float | None]]:
+def record_stats(db) -> dict[str, tuple[int, float | None]]:
     """workload key -> (number of records, best run seconds of the valid ones)."""
     stats: dict[str, tuple[int, float | None]] = {}
     for rec in db.get_all_tuning_records():
@@ -308,7 +308,7 @@ def tune(mod, target, database_dir: Path, log_dir: Path, budget: TuneBudget,
     start = time.perf_counter()
     extracted = extract_tasks(mod, target)
     db = open_database(database_dir)
-    stats = _record_stats(db)
+    stats = record_stats(db)
     spent = shipped_trials(database_dir)
     exhausted = _ExhaustedTasks(database_dir)
     cap = _allot(budget, len(extracted))

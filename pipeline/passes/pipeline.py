@@ -66,7 +66,6 @@ def graph_passes(layout: str = "NCHW", prepack: bool = False) -> list[NamedPass]
 def post_tuning_passes(prepack: bool = False) -> list[NamedPass]:
     """After the database is applied: move the weight layout rewrites the tuned kernels asked for
     out of the kernels, and fold them into the (constant) weights, so they run at build time once."""
-    from tvm import transform
     from tvm.relax import transform as T
 
     if not prepack:
