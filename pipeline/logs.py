@@ -23,6 +23,7 @@ SHIPPED = "shipped"
 FILES = ("database_workload.json", "database_tuning_record.json")
 MERGED_MARK = "shipped.merged"   # sha256 of the shipped files last merged into the working database
 TRIALS_FILE = "trials.json"       # workload key -> trials the search spent on it before shipping
+EXHAUSTED_FILE = "exhausted.json"  # workloads whose search space ran dry: nothing left to search
 
 
 @dataclass(frozen=True)
@@ -37,14 +38,17 @@ def ship(database_dir: Path) -> ShipReport:
     """Prune the working database to its best record per workload and write the shipped copy."""
     from tvm.s_tir import meta_schedule as ms
 
-    from pipeline.tuning import record_stats, open_database
+    from pipeline.tuning import record_stats, repair_database
 
-    source = open_database(database_dir)
+    # not open_database: that would merge the previous shipped copy back into the source
+    repair_database(database_dir)
+    source = ms.database.JSONDatabase(work_dir=str(database_dir), module_equality="structural")
     out = database_dir / SHIPPED
     spent = {key: n for key, (n, _) in record_stats(source).items()}
     with tempfile.TemporaryDirectory() as tmp:
         pruned = ms.database.JSONDatabase(work_dir=tmp, module_equality="structural")
         source.dump_pruned(pruned)
+        _canonical_order(Path(tmp))
         out.mkdir(parents=True, exist_ok=True)
         size = 0
         for name in FILES:
@@ -55,16 +59,40 @@ def ship(database_dir: Path) -> ShipReport:
                 gz.write(data)
             size += target.stat().st_size
         (out / TRIALS_FILE).write_text(json.dumps(spent, indent=0, sort_keys=True) + "\n")
+        exhausted = database_dir / EXHAUSTED_FILE
+        if exhausted.is_file():
+            shutil.copyfile(exhausted, out / EXHAUSTED_FILE)
         n_records = (Path(tmp) / FILES[1]).read_text().count("\n")
         n_workloads = (Path(tmp) / FILES[0]).read_text().count("\n")
+    # the source already holds every shipped record: mark them merged
+    (database_dir / MERGED_MARK).write_text(_digest(out) + "\n")
     log.info("shipped %d workloads, %d records (%d bytes) to %s", n_workloads, n_records, size, out)
     return ShipReport(n_workloads, n_records, size, out)
+
+
+def _canonical_order(folder: Path) -> None:
+    """dump_pruned writes in hash-map order; sort workloads by hash and records by workload, so
+    the same records always give the same bytes (and git sees no change)."""
+    workloads = [json.loads(line) for line in (folder / FILES[0]).read_text().splitlines()]
+    records = [json.loads(line) for line in (folder / FILES[1]).read_text().splitlines()]
+    order = sorted(range(len(workloads)), key=lambda i: workloads[i][0])
+    new_index = {old: new for new, old in enumerate(order)}
+    for rec in records:
+        rec[0] = new_index[rec[0]]
+    records.sort(key=lambda r: r[0])
+    (folder / FILES[0]).write_text("".join(json.dumps(workloads[i]) + "\n" for i in order))
+    (folder / FILES[1]).write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
 def shipped_trials(database_dir: Path) -> dict[str, int]:
     """Trials spent on each shipped workload: a shipped record stands for the whole search behind
     it, so a budget no larger than that search has nothing left to do."""
     path = database_dir / SHIPPED / TRIALS_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def shipped_exhausted(database_dir: Path) -> dict[str, str]:
+    path = database_dir / SHIPPED / EXHAUSTED_FILE
     return json.loads(path.read_text()) if path.is_file() else {}
 
 

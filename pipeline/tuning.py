@@ -192,8 +192,11 @@ class _ExhaustedTasks:
     """Workloads whose search space ran dry: a resumed run does not re-open them."""
 
     def __init__(self, directory: Path) -> None:
+        from pipeline.logs import shipped_exhausted
+
         self.path = directory / "exhausted.json"
-        self.keys: dict[str, str] = json.loads(self.path.read_text()) if self.path.exists() else {}
+        local = json.loads(self.path.read_text()) if self.path.exists() else {}
+        self.keys: dict[str, str] = {**shipped_exhausted(directory), **local}
 
     def add(self, key: str, name: str) -> None:
         self.keys[key] = name

@@ -21,7 +21,9 @@ def test_ship_keeps_best_record_per_workload_and_a_fresh_checkout_uses_it(mlp_mo
     assert shipped.workloads == 2 and shipped.records == 2
     assert shipped.bytes_written < sum(p.stat().st_size for p in tuned.glob("database_*.json"))
     assert gzip.open(tuned / SHIPPED / "database_tuning_record.json.gz").read().count(b"\n") == 2
-    assert ship(tuned).bytes_written == shipped.bytes_written  # deterministic bytes for git
+    before = (tuned / SHIPPED / "database_workload.json.gz").read_bytes()
+    ship(tuned)
+    assert (tuned / SHIPPED / "database_workload.json.gz").read_bytes() == before  # stable for git
 
     fresh = tmp_path / "clone" / "x86-test"
     shutil.copytree(tuned / SHIPPED, fresh / SHIPPED)           # what a fresh clone has
@@ -58,3 +60,14 @@ def test_committed_shipped_logs_cover_every_task_of_the_model(model):
         keys = {workload_key(t.dispatched[0]) for t in extract_tasks(mod, target)}
         shipped = shipped_trials(root / preset)
         assert keys <= set(shipped), f"{preset}: {len(keys - set(shipped))} tasks have no shipped record"
+
+
+def test_shipping_twice_does_not_merge_the_shipped_copy_back(mlp_mod, tmp_path):
+    _, mod, target = mlp_mod
+    db = tmp_path / "x86-test"
+    tune(mod, target, db, tmp_path / "logs", TuneBudget(trials=2), FAST)
+    before = (db / "database_tuning_record.json").read_text()
+    first = ship(db)
+    open_database(db)
+    assert (db / "database_tuning_record.json").read_text() == before
+    assert ship(db).bytes_written == first.bytes_written
