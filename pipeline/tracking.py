@@ -49,16 +49,16 @@ class RunRecorder:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
-        for i in range(0, len(items), 500):
-            self.client.log_batch(self.run_id, metrics=items[i:i + 500])
+        self._log_metrics([Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None])
 
     def series(self, name: str, points: list[tuple[int, float]]) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(name, float(v), now, int(step)) for step, v in points]
-        for i in range(0, len(items), 500):
+        self._log_metrics([Metric(name, float(v), now, int(step)) for step, v in points])
+
+    def _log_metrics(self, items: list) -> None:
+        for i in range(0, len(items), 500):  # MLflow's per-request limit for metrics
             self.client.log_batch(self.run_id, metrics=items[i:i + 500])
 
     def tags(self, tags: dict[str, str]) -> None:
