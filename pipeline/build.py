@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +19,7 @@ class BuiltModule:
     params: dict[str, np.ndarray]      # passed to `main` after the real inputs, in this order
     scheduled_tasks: int               # PrimFuncs that got a schedule from the database
     total_tasks: int
+    default_scheduled: dict[str, str] = field(default_factory=dict)   # kernel -> schedules/ rule
 
 
 def apply_database(mod, target, database_dir: Path | None):
@@ -44,18 +45,27 @@ def _count_scheduled(mod) -> tuple[int, int]:
     return sum(bool(f.attrs and f.attrs.get("tirx.is_scheduled", False)) for f in funcs), len(funcs)
 
 
-def build(mod, target, database_dir: Path | None = None, post_passes: list | None = None) -> BuiltModule:
+def build(mod, target, database_dir: Path | None = None, post_passes: list | None = None,
+          default_schedules: bool = True) -> BuiltModule:
     """Compile a fused Relax module (the output of the graph passes) for `target`; `post_passes`
-    (pipeline.passes.post_tuning_passes) run after the database is applied."""
+    (pipeline.passes.post_tuning_passes) run after the database is applied. Kernels without a
+    tuning record get our default schedules (`schedules/`) unless `default_schedules` is off."""
     import tvm
 
     from pipeline.passes import apply_passes
+    from schedules import ScheduleUntuned
 
     mod = apply_database(mod, target, database_dir)
     scheduled, total = _count_scheduled(mod)
     log.info("%d of %d kernels scheduled from the database", scheduled, total)
+    untuned = ScheduleUntuned(target)
+    if default_schedules:
+        with target:
+            mod = untuned(mod)
+        log.info("%d kernels got a default schedule: %s", len(untuned.applied),
+                 ", ".join(f"{k}={v}" for k, v in sorted(untuned.applied.items())))
     if post_passes:
         mod = apply_passes(mod, target, post_passes)
     mod, params = LiftConstantsToParams(mod)
     executable = tvm.compile(mod, target=target)
-    return BuiltModule(executable, params, scheduled, total)
+    return BuiltModule(executable, params, scheduled, total, dict(untuned.applied))

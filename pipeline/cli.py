@@ -7,7 +7,7 @@ import logging
 import signal
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -114,20 +114,20 @@ def run(
     model: Annotated[str, typer.Option("--model", "-m", help="Zoo name (see `tune models`) or .onnx path.")],
     target: Annotated[str, typer.Option(help="auto, a preset name (see `tune targets`) or a JSON TVM target.")] = "auto",
     budget: Annotated[str, typer.Option(help="Tuning budget preset: quick, default or full (see README).")] = "quick",
-    trials: Annotated[Optional[int], typer.Option(help="Total trials the model may have in the database; 0 = no search (overrides --budget).")] = None,
-    trials_per_task: Annotated[Optional[int], typer.Option(help="Cap per task (default: the budget's, or --trials spread evenly).")] = None,
-    time_budget: Annotated[Optional[str], typer.Option(help="Stop tuning after this long, e.g. 30m, 90s, 1h (overrides --budget).")] = None,
+    trials: Annotated[int | None, typer.Option(help="Total trials the model may have in the database; 0 = no search (overrides --budget).")] = None,
+    trials_per_task: Annotated[int | None, typer.Option(help="Cap per task (default: the budget's, or --trials spread evenly).")] = None,
+    time_budget: Annotated[str | None, typer.Option(help="Stop tuning after this long, e.g. 30m, 90s, 1h (overrides --budget).")] = None,
     tuning_logs: Annotated[Path, typer.Option(help="Root of the MetaSchedule databases (one folder per preset).")] = Path("tuning_logs"),
     out_dir: Annotated[Path, typer.Option("--out", help="Where artifacts are exported.")] = Path("artifacts"),
     runs_dir: Annotated[Path, typer.Option(help="Where run folders (logs, summary) go.")] = Path("runs"),
-    tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db).")] = None,
-    experiment: Annotated[Optional[str], typer.Option(help="MLflow experiment (default: the model name).")] = None,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db).")] = None,
+    experiment: Annotated[str | None, typer.Option(help="MLflow experiment (default: the model name).")] = None,
     skip_untuned: Annotated[bool, typer.Option(help="Do not build and measure the untuned module.")] = False,
     tolerance: Annotated[float, typer.Option(help="Max relative output error against ONNX Runtime.")] = 1e-3,
     repeats: Annotated[int, typer.Option(help="Timed calls per runner (at most).")] = 50,
     measure_seconds: Annotated[float, typer.Option(help="Time cap per runner while measuring.")] = 5.0,
-    model_option: Annotated[Optional[list[str]], typer.Option(help="Zoo model option KEY=VALUE (repeatable), e.g. layers=2.")] = None,
-    input_shape: Annotated[Optional[list[str]], typer.Option(help="Fix an input shape NAME=D1,D2,... (repeatable).")] = None,
+    model_option: Annotated[list[str] | None, typer.Option(help="Zoo model option KEY=VALUE (repeatable), e.g. layers=2.")] = None,
+    input_shape: Annotated[list[str] | None, typer.Option(help="Fix an input shape NAME=D1,D2,... (repeatable).")] = None,
     seed: Annotated[int, typer.Option(help="Seed for inputs and search.")] = 0,
     show_passes: Annotated[bool, typer.Option(help="Print the graph-pass list first.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="End stdout with one JSON summary line.")] = False,
@@ -245,8 +245,8 @@ def _targets() -> None:
 @app.command()
 def predict(
     artifact: Annotated[Path, typer.Argument(help="An exported artifact folder.")],
-    input_path: Annotated[Optional[Path], typer.Option("--input", "-i", help=".npy (one input) or .npz keyed by input name.")] = None,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write outputs (.npy, or .npz for several).")] = None,
+    input_path: Annotated[Path | None, typer.Option("--input", "-i", help=".npy (one input) or .npz keyed by input name.")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write outputs (.npy, or .npz for several).")] = None,
     check: Annotated[bool, typer.Option(help="Run the stored verification input and compare with the stored output.")] = False,
 ) -> None:
     """Run an exported artifact (hashes checked; no tuning code is loaded)."""

@@ -102,8 +102,9 @@ def load_artifact(folder: Path, device: str = "cpu") -> LoadedArtifact:
     """Check every file's sha256 against the manifest, then load the library and params."""
     import tvm
 
-    from pipeline.runtime import CompiledModel
+    from pipeline.runtime import CompiledModel, physical_cores, use_threads
 
+    use_threads(physical_cores())
     manifest = read_manifest(folder)
     for name, digest in manifest["files"].items():
         path = folder / name

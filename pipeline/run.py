@@ -82,11 +82,13 @@ def _stage(result: RunResult, name: str, progress: ProgressCallback, message: st
 
 def run_pipeline(config: RunConfig, progress: ProgressCallback = no_progress,
                  should_stop: Callable[[], bool] = lambda: False) -> RunResult:
+    from pipeline.runtime import use_threads
     from pipeline.targets import detect_host
     from pipeline.tracking import RunRecorder, tracking_uri
 
     tvm_compat.apply()
     resolved, loaded = prepare(config)
+    threads = use_threads(int(resolved.target_dict.get("num-cores", 1)))
     name = loaded[0]
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     run_dir = config.runs_dir / f"{name}-{resolved.preset}-{stamp}"
@@ -97,6 +99,7 @@ def run_pipeline(config: RunConfig, progress: ProgressCallback = no_progress,
                            run_name=f"{name}-{resolved.preset}-{stamp}",
                            tags={"model": name, "preset": resolved.preset, "variant": "fp32"})
     result.mlflow_run_id = recorder.run_id
+    recorder.params({"tvm_threads": threads})
     file_log, root_level = _attach_run_log(run_dir)
     try:
         _run_stages(config, resolved, loaded, result, recorder, run_dir, progress, should_stop,
@@ -193,7 +196,7 @@ def _run_stages(config, resolved, loaded, result: RunResult, recorder, run_dir: 
         compiled = CompiledModel(built.executable, list(built.params.values()))
         untuned = None
         if not config.skip_untuned:
-            plain = build(mod, target, None)
+            plain = build(mod, target, None, post_passes)
             untuned = CompiledModel(plain.executable, list(plain.params.values()))
 
     session = onnxruntime_session(model, threads=int(resolved.target_dict.get("num-cores", 1)))

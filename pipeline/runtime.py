@@ -2,7 +2,30 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
+
+
+def use_threads(count: int) -> int:
+    """Pin TVM's CPU thread pool to `count` threads; returns what will be used.
+
+    TVM's runtime halves the logical CPU count to skip hyper-threads, so on a 2-vCPU machine it
+    runs every parallel kernel on one thread while ONNX Runtime uses two. The pool reads
+    TVM_NUM_THREADS when it starts (at the first parallel kernel, and in every runner process),
+    so this must run before any compiled code does. An explicit TVM_NUM_THREADS wins.
+    """
+    os.environ.setdefault("TVM_NUM_THREADS", str(max(1, int(count))))
+    return int(os.environ["TVM_NUM_THREADS"])
+
+
+def physical_cores() -> int:
+    try:
+        import psutil
+
+        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    except ImportError:
+        return os.cpu_count() or 1
 
 
 class CompiledModel:

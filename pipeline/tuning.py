@@ -116,9 +116,9 @@ class WarmBuilder:
         self._pool, self._uses = None, 0
 
     def build(self, inputs: list) -> list:
-        from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
         from tvm.s_tir.meta_schedule.builder import BuilderResult
         from tvm.s_tir.meta_schedule.builder.local_builder import _worker_func
+        from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
 
         if self._pool is None or self._uses >= self.recycle_every:
             self.shutdown()

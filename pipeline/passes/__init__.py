@@ -1,8 +1,13 @@
 """Stage 2, graph passes: one named, ordered list per target, run before task extraction."""
 
 from pipeline.passes.lift_constants import LiftConstantsToParams
-from pipeline.passes.pipeline import (NamedPass, apply_passes, describe_passes, graph_passes,
-                                      post_tuning_passes)
+from pipeline.passes.pipeline import (
+                                      NamedPass,
+                                      apply_passes,
+                                      describe_passes,
+                                      graph_passes,
+                                      post_tuning_passes,
+)
 
 __all__ = ["LiftConstantsToParams", "NamedPass", "apply_passes", "describe_passes", "graph_passes",
            "post_tuning_passes"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 
-def LiftConstantsToParams(mod, min_elements: int = 2):  # noqa: N802  (TVM pass naming)
+def LiftConstantsToParams(mod, min_elements: int = 2):
     """Returns (new_mod, {param_name: ndarray}) for `mod["main"]`."""
     import tvm
     from tvm import relax
@@ -20,7 +20,7 @@ def LiftConstantsToParams(mod, min_elements: int = 2):  # noqa: N802  (TVM pass 
 
     @relax.expr_functor.mutator
     class _Lifter(relax.PyExprMutator):
-        def visit_generic_const_(self, op):  # noqa: N802
+        def visit_generic_const_(self, op):
             value = op.value
             if not hasattr(value, "shape") or int(np.prod(value.shape)) < min_elements:
                 return op

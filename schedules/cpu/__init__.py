@@ -1,0 +1,14 @@
+"""Default CPU schedule rules, most specific first."""
+
+from __future__ import annotations
+
+
+def cpu_rules() -> list:
+    from tvm.s_tir.dlight.cpu import Reduction
+
+    from schedules.cpu.conv2d import Conv2DNHWC
+    from schedules.cpu.generic import ChannelsLastReduction, Injective
+    from schedules.cpu.matmul import Matmul
+
+    # DLight's CPU Reduction covers softmax / layer norm (row reductions): no need to write our own.
+    return [Conv2DNHWC(), Matmul(), ChannelsLastReduction(), Reduction(), Injective()]
