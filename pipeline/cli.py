@@ -169,7 +169,8 @@ def _run(model, target, budget, trials, trials_per_task, time_budget, tuning_log
             "verified": result.verified, "artifact": result.artifact,
             "mlflow_run_id": result.mlflow_run_id, "stop_reason": result.tune_stop_reason,
             "kernels_scheduled": result.scheduled_kernels, "verification": result.verification,
-            "stage_seconds": result.stage_seconds}))
+            "stage_seconds": result.stage_seconds, "tune_curve": result.tune_curve,
+            "run_dir": result.run_dir}))
 
 
 def _print_passes(target: str) -> None:

@@ -45,6 +45,7 @@ class RunResult:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     task_table: list[dict] = field(default_factory=list)
     scheduled_kernels: str = ""
+    tune_curve: list[dict] = field(default_factory=list)   # estimated model latency while tuning
 
     def summary(self) -> dict:
         return asdict(self)
@@ -148,6 +149,7 @@ def _run_stages(config, resolved, loaded, result: RunResult, recorder, run_dir: 
     from pipeline.passes import apply_passes, describe_passes, graph_passes, post_tuning_passes
     from pipeline.runtime import CompiledModel
     from pipeline.tuning import SearchSettings, tune
+    from pipeline.baselines import openvino_runner
     from pipeline.verify import onnxruntime_session, seeded_inputs, verify
 
     target = resolved.tvm_target()
@@ -189,6 +191,8 @@ def _run_stages(config, resolved, loaded, result: RunResult, recorder, run_dir: 
     recorder.metrics({"tasks": result.tasks, "trials_new": report.trials_new,
                       "trials_reused": report.trials_reused, "tune_wall_s": report.wall_s})
     recorder.series("tune_best_latency_ms", report.curve)
+    result.tune_curve = [{"trials": n, "tune_s": w, "estimated_ms": round(ms_, 4)}
+                         for (n, ms_), (w, _) in zip(report.curve, report.curve_wall)]
 
     with _stage(result, "build", progress, "compiling", should_stop):
         built = build(mod, target, db_dir, post_passes)
@@ -199,7 +203,8 @@ def _run_stages(config, resolved, loaded, result: RunResult, recorder, run_dir: 
             plain = build(mod, target, None, post_passes)
             untuned = CompiledModel(plain.executable, list(plain.params.values()))
 
-    session = onnxruntime_session(model, threads=int(resolved.target_dict.get("num-cores", 1)))
+    threads = int(resolved.target_dict.get("num-cores", 1))
+    session = onnxruntime_session(model, threads=threads)
     with _stage(result, "verify", progress, "checking numerics against ONNX Runtime", should_stop):
         check = verify(model, compiled, session, config.tolerance, config.verify_samples, config.seed)
         result.verified, result.verification = check.passed, check.as_dict()
@@ -217,6 +222,9 @@ def _run_stages(config, resolved, loaded, result: RunResult, recorder, run_dir: 
         arrays = [feeds[s.name] for s in model.inputs]
         runners = {"tuned": _timed(compiled, arrays),
                    "onnxruntime": lambda: session.run(None, feeds)}
+        openvino = openvino_runner(model.onnx_model, feeds, threads)
+        if openvino is not None:
+            runners["openvino"] = openvino
         if untuned is not None:
             runners["untuned"] = _timed(untuned, arrays)
         stats = measure_interleaved(runners, config.measure)

@@ -52,6 +52,7 @@ class SearchSettings:
     builder_timeout_s: float = 120.0
     runner_timeout_s: float = 60.0
     seed: int = 0
+    patience: int = 32              # early stop after this many trials without a 1% gain (0: off)
 
     @classmethod
     def from_preset(cls, tuning: dict) -> SearchSettings:
@@ -68,6 +69,8 @@ class TaskReport:
     trials_new: int = 0
     best_us: float | None = None     # best measured latency of one call, any run
     exhausted: bool = False          # the search space had no unmeasured candidates left
+    rule: str | None = None          # the schedules/ rule whose knobs are searched, if any
+    converged: bool = False          # stopped early: no 1% gain in its last `patience` trials
 
     @property
     def trials(self) -> int:
@@ -83,6 +86,7 @@ class TuneReport:
     stop_reason: str                 # "done", "budget", "time", "no-search"
     database_dir: str
     curve: list[tuple[int, float]] = field(default_factory=list)  # (new trials, est. latency ms)
+    curve_wall: list[tuple[float, float]] = field(default_factory=list)  # (tuning seconds, est. ms)
 
     def estimated_ms(self) -> float | None:
         return _estimated_ms(self.tasks)
@@ -262,6 +266,8 @@ class _Task:
     ctx: object = None
     batch: int = 0                   # the batch size `ctx` was prepared for
     logger: logging.Logger | None = None
+    default_space: object = None     # our rule's design space, until its default point is measured
+    improved_at: int = 0             # trials count when best_us last improved by >= 1%
 
     def close(self) -> None:
         if self.ctx is not None:
@@ -270,7 +276,18 @@ class _Task:
 
     @property
     def wants(self) -> int:
-        return 0 if self.report.exhausted else max(0, self.cap - self.report.trials)
+        if self.report.exhausted or self.report.converged:
+            return 0
+        return max(0, self.cap - self.report.trials)
+
+    def note_best(self, before_us: float | None, patience: int) -> None:
+        """Early stop: a task whose best latency has not improved by 1% in `patience` trials
+        (of this run) gives its remaining trials up; the next run may reopen it."""
+        best = self.report.best_us
+        if before_us is None or (best is not None and best < 0.99 * before_us):
+            self.improved_at = self.report.trials
+        elif patience and self.report.trials - self.improved_at >= patience:
+            self.report.converged = True
 
     def priority(self) -> tuple[bool, float]:
         """Tasks never measured first (heaviest first), then by their share of model latency."""
@@ -325,7 +342,7 @@ def tune(mod, target, database_dir: Path, log_dir: Path, budget: TuneBudget,
                             flops=float(estimate_tir_flops(mod_t)), trials_before=n,
                             best_us=None if best is None else best * 1e6,
                             exhausted=key in exhausted.keys)
-        tasks.append(_Task(report, mod_t, key, cap))
+        tasks.append(_Task(report, mod_t, key, cap, improved_at=n))
     reused = sum(min(t.report.trials_before, cap) for t in tasks)
     total = budget.total(len(tasks))
     allowed = max(0, total - reused) if total > 0 else 0
@@ -363,6 +380,7 @@ def tune(mod, target, database_dir: Path, log_dir: Path, budget: TuneBudget,
                 task = max(open_tasks, key=_Task.priority)
                 index = tasks.index(task)
                 t0 = time.perf_counter()
+                best_before = task.report.best_us
                 n = _tune_batch(task, index, target, db, cost_model, builder, runner, settings,
                                 log_dir, limit=_batch_limit(task, open_tasks, allowed - done),
                                 should_stop=should_stop)
@@ -377,11 +395,16 @@ def tune(mod, target, database_dir: Path, log_dir: Path, budget: TuneBudget,
                     continue
                 batch_s.append(time.perf_counter() - t0)
                 done += n
+                task.note_best(best_before, settings.patience)
+                if task.report.converged:
+                    log.info("task %s: converged (best %.1f us, no 1%% gain in %d trials)",
+                             task.report.name, task.report.best_us or 0, settings.patience)
                 report.trials_new = done
                 est = _estimated_ms(report.tasks)
+                elapsed = time.perf_counter() - start
                 if est is not None:
                     report.curve.append((done, est))
-                elapsed = time.perf_counter() - start
+                    report.curve_wall.append((round(elapsed, 2), est))
                 per_trial = elapsed / done
                 progress(ProgressEvent("tune", f"{task.report.name}: {n} trials", index, len(tasks),
                                        done, allowed, est, elapsed, per_trial * (allowed - done)))
@@ -450,12 +473,21 @@ def _context(task: _Task, index: int, target, db, cost_model, settings: SearchSe
     population = min(settings.population_size, max(32, 16 * batch))
     strategy = ms.search_strategy.EvolutionarySearch(
         population_size=population, init_min_unmeasured=min(settings.init_min_unmeasured, population // 2))
+    from schedules.space import rule_space
+
+    found = rule_space(task.mod, target)
+    space = found[1] if found else "post-order-apply"
+    if found and task.report.rule is None:
+        task.report.rule = found[0]
+        task.logger.info("design space: schedules/ rule %s", found[0])
     with _native_stderr_to(log_dir / "native.log"):
-        ctx = ms.TuneContext(mod=task.mod, target=target, space_generator="post-order-apply",
+        ctx = ms.TuneContext(mod=task.mod, target=target, space_generator=space,
                              search_strategy=strategy, task_name=task.report.name,
                              num_threads=_cores(target), rand_state=settings.seed + index,
                              logger=task.logger)
         spaces = ctx.generate_design_space()
+    if found and task.report.trials == 0 and task.default_space is None:
+        task.default_space = spaces[0]
     ctx.pre_tuning(max_trials=task.wants, num_trials_per_iter=batch,
                    design_spaces=spaces, database=db, cost_model=cost_model)
     return ctx
@@ -474,10 +506,16 @@ def _tune_batch(task: _Task, index: int, target, db, cost_model, builder, runner
     if task.ctx is None or task.batch != batch:
         task.close()
         task.ctx, task.batch = _context(task, index, target, db, cost_model, settings, log_dir, batch), batch
-    candidates = task.ctx.generate_measure_candidates()
+    candidates = list(task.ctx.generate_measure_candidates() or [])
+    if task.default_space is not None:
+        from schedules.space import default_candidate
+
+        first = default_candidate(task.ctx, task.default_space)
+        task.default_space = None
+        candidates = ([first] if first is not None else []) + candidates
     if not candidates:
         return 0
-    candidates = list(candidates)[:batch]
+    candidates = candidates[:batch]
     t1 = time.perf_counter()
     built = builder.build([ms.builder.BuilderInput(c.sch.mod, target) for c in candidates])
     t2 = time.perf_counter()

@@ -43,3 +43,46 @@ def test_lift_constants_keeps_numerics(tiny_mod):
     a = vm_bound["main"](tvm.runtime.tensor(x)).numpy()
     b = vm_lifted["main"](tvm.runtime.tensor(x), *[tvm.runtime.tensor(p) for p in params.values()]).numpy()
     np.testing.assert_array_equal(a, b)
+
+
+def test_relu6_follows_the_layout_and_fuses_into_the_conv(tmp_path):
+    """ONNX Clip(0, 6) after a conv: the frontend's call_tir max/min become Relax ops, so NHWC
+    needs no transposes around them and the clip lands in the conv's kernel; numerics unchanged."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from pipeline import tvm_compat
+    from pipeline.build import build
+    from pipeline.importer import import_model
+    from pipeline.passes import apply_passes, post_tuning_passes
+    from pipeline.runtime import CompiledModel
+    from pipeline.targets import resolve_target
+    from pipeline.verify import onnxruntime_session, seeded_inputs
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((16, 8, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.array(0.0, np.float32), "lo"),
+             numpy_helper.from_array(np.array(6.0, np.float32), "hi")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1] * 4),
+             helper.make_node("Clip", ["c", "lo", "hi"], ["y"])]
+    graph = helper.make_graph(nodes, "relu6", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "relu6.onnx")
+
+    tvm_compat.apply()
+    imported = import_model(str(tmp_path / "relu6.onnx"))
+    resolved = resolve_target("auto")
+    target = resolved.tvm_target()
+    mod = apply_passes(imported.mod, target, graph_passes("NHWC", True))
+    kernels = [gv.name_hint for gv, _ in mod.functions_items() if gv.name_hint != "main"]
+    conv = [k for k in kernels if "conv2d" in k]
+    assert len(conv) == 1 and "maximum" in conv[0] and "minimum" in conv[0], kernels
+    assert sum("transpose" in k for k in kernels) <= 2          # the model's own NCHW<->NHWC ends only
+    built = build(mod, target, None, post_tuning_passes(True))
+    feeds = seeded_inputs(imported.inputs, 0)
+    got = CompiledModel(built.executable, list(built.params.values()))([feeds["x"]])[0]
+    ref = onnxruntime_session(imported, 1).run(None, feeds)[0]
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    assert got.max() <= 6.0 and got.min() >= 0.0

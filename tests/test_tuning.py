@@ -100,3 +100,21 @@ def test_cost_model_is_saved_and_warm_starts(mlp_mod, tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="pipeline.tuning"):
         tune(mod, target, tmp_path / "db", tmp_path / "logs", TuneBudget(trials=4), FAST)
     assert "cost model warm-started" in caplog.text
+
+
+def test_early_stop_after_patience_without_gain():
+    from pipeline.tuning import TaskReport, _Task
+
+    task = _Task(TaskReport("t", 1, 1.0, trials_before=0), mod=None, key="k", cap=100)
+    task.report.trials_new, task.report.best_us = 16, 100.0
+    task.note_best(None, patience=32)                  # first batch: the reference point
+    for trials, best in ((32, 99.5), (48, 99.4)):      # < 1% better: not progress
+        task.report.trials_new, task.report.best_us = trials, best
+        task.note_best(100.0, patience=32)
+    assert task.report.converged and task.wants == 0
+    other = _Task(TaskReport("u", 1, 1.0, trials_before=0), mod=None, key="k2", cap=100)
+    other.report.trials_new, other.report.best_us = 16, 100.0
+    other.note_best(None, patience=32)
+    other.report.trials_new, other.report.best_us = 48, 90.0   # a real gain resets the clock
+    other.note_best(100.0, patience=32)
+    assert not other.report.converged and other.wants == 52

@@ -37,7 +37,11 @@ def _prepack_marker(prepack: bool):
 def graph_passes(layout: str = "NCHW", prepack: bool = False) -> list[NamedPass]:
     from tvm.relax import transform as T
 
+    from pipeline.passes.clip_ops import ClipCallTIRToOps
+
     return [
+        NamedPass("ClipCallTIRToOps", "ReLU6 as Relax max/min ops, so the layout change and fusion "
+                  "see through it (the ONNX frontend emits call_tir)", lambda: ClipCallTIRToOps),
         NamedPass("FoldBatchnormToConv2D", "fold BN into the preceding conv's weights (the import "
                   "already fused Conv+BN in ONNX; this catches the rest)", T.FoldBatchnormToConv2D),
         NamedPass("FoldConstant", "materialise the folded weights (ConvertLayout needs constants)",

@@ -133,13 +133,10 @@ class Conv2DNHWC(CPURule):
 
     name = "conv2d_nhwc"
 
-    def apply(self, func: tirx.PrimFunc, target, tunable: bool):
-        if not self.is_target_available(target):
-            return None
-        sch = s_tir.Schedule(func)
+    def schedule(self, sch: s_tir.Schedule, target, tunable: bool) -> bool:
         blocks = block_facts(sch)
         match = match_conv2d_nhwc(blocks) if blocks else None
         if match is None:
-            return None
+            return False
         schedule_conv2d_nhwc(sch, match, target, tunable)
-        return sch
+        return True

@@ -19,26 +19,23 @@ class ChannelsLastReduction(CPURule):
 
     name = "channels_last_reduction"
 
-    def apply(self, func: tirx.PrimFunc, target, tunable: bool):
-        if not self.is_target_available(target):
-            return None
-        sch = s_tir.Schedule(func)
+    def schedule(self, sch: s_tir.Schedule, target, tunable: bool) -> bool:
         blocks = block_facts(sch)
         if not blocks:
-            return None
+            return False
         reductions = [b for b in blocks if b.is_reduction]
         if len(reductions) != 1:
-            return None
+            return False
         anchor = reductions[0]
         kinds = anchor.kinds
         n_spatial = len(kinds.rstrip("R"))
         if set(kinds[:n_spatial]) != {"S"} or set(kinds[n_spatial:]) != {"R"}:
-            return None
+            return False
         inner = anchor.block.iter_vars[n_spatial - 1].var
         out = anchor.block.writes[0].region
         if not out[-1].min.same_as(inner) or not any(r.region[-1].min.same_as(inner)
                                                      for r in anchor.block.reads):
-            return None
+            return False
         lanes_max = vector_lanes(target)
         loops = sch.get_loops(anchor.rv)
         spatial, reduce = loops[:n_spatial], loops[n_spatial:]
@@ -51,7 +48,7 @@ class ChannelsLastReduction(CPURule):
         for b in blocks:
             if b is not anchor:
                 schedule_injective(sch, b.rv, lanes_max)
-        return sch
+        return True
 
 
 class Injective(CPURule):
@@ -59,13 +56,10 @@ class Injective(CPURule):
 
     name = "injective"
 
-    def apply(self, func: tirx.PrimFunc, target, tunable: bool):
-        if not self.is_target_available(target):
-            return None
-        sch = s_tir.Schedule(func)
+    def schedule(self, sch: s_tir.Schedule, target, tunable: bool) -> bool:
         blocks = block_facts(sch)
         if not blocks or not all(b.is_spatial for b in blocks):
-            return None
+            return False
         lanes = vector_lanes(target)
         for b in blocks[:-1]:
             try:
@@ -73,4 +67,4 @@ class Injective(CPURule):
             except Exception:  # noqa: BLE001  (not inlinable, e.g. it feeds two consumers: keep it)
                 schedule_injective(sch, b.rv, lanes)
         schedule_injective(sch, blocks[-1].rv, lanes)
-        return sch
+        return True

@@ -81,15 +81,12 @@ def schedule_matmul(sch: s_tir.Schedule, anchor: BlockFacts, epilogue: list[Bloc
 class Matmul(CPURule):
     name = "matmul"
 
-    def apply(self, func: tirx.PrimFunc, target, tunable: bool):
-        if not self.is_target_available(target):
-            return None
-        sch = s_tir.Schedule(func)
+    def schedule(self, sch: s_tir.Schedule, target, tunable: bool) -> bool:
         blocks = block_facts(sch)
         found = match_matmul(blocks) if blocks else None
         if found is None:
-            return None
+            return False
         schedule_matmul(sch, *found, target, tunable)
-        return sch
+        return True
 
 

@@ -1,0 +1,136 @@
+"""schedules/: each default rule matches the kernels it is for, and the scheduled (and weight-
+prepacked) module computes what ONNX Runtime computes. Small shapes only; no timing."""
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from pipeline import tvm_compat
+from pipeline.build import build
+from pipeline.importer import import_model
+from pipeline.passes import apply_passes, graph_passes, post_tuning_passes
+from pipeline.runtime import CompiledModel
+from pipeline.targets import detect_host, load_presets, resolve_target
+from pipeline.verify import onnxruntime_session, seeded_inputs
+
+
+def _save(tmp_path, nodes, inputs, inits, name="m"):
+    graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info(n, TensorProto.FLOAT, s)
+                                            for n, s in inputs],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / f"{name}.onnx"
+    onnx.save(model, path)
+    return str(path)
+
+
+def conv_model(tmp_path, cin, cout, hw, k, stride=1, group=1):
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((cout, cin // group, k, k)).astype(np.float32), "w")
+    b = numpy_helper.from_array(rng.standard_normal(cout).astype(np.float32), "b")
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[k // 2] * 4, strides=[stride] * 2,
+                              group=group),
+             helper.make_node("Relu", ["c"], ["y"])]
+    return _save(tmp_path, nodes, [("x", [1, cin, hw, hw])], [w, b], "conv")
+
+
+def _targets():
+    host = detect_host()
+    presets = load_presets()
+    names = [resolve_target("auto").preset]
+    if "avx2" in host.features and "x86-avx2" not in names:
+        names.append("x86-avx2")          # narrower vectors (8 lanes, 16 registers) on the same host
+    return [n for n in names if n in presets]
+
+
+def build_and_check(path, preset, expect_rules):
+    tvm_compat.apply()
+    model = import_model(path)
+    resolved = resolve_target(preset)
+    target = resolved.tvm_target()
+    mod = apply_passes(model.mod, target, graph_passes(resolved.tuning["layout"], True))
+    built = build(mod, target, None, post_tuning_passes(True))
+    assert set(expect_rules) <= set(built.default_scheduled.values()), built.default_scheduled
+    feeds = seeded_inputs(model.inputs, 0)
+    got = CompiledModel(built.executable, list(built.params.values()))([feeds[s.name] for s in model.inputs])
+    ref = onnxruntime_session(model, 1).run(None, feeds)
+    for g, r in zip(got, ref):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(r).max())))
+    return built
+
+
+@pytest.mark.parametrize("preset", _targets())
+@pytest.mark.parametrize("cin,cout,hw,k,stride,group", [
+    (32, 64, 8, 1, 1, 1),        # 1x1: the padding stage is a pure copy and gets inlined
+    (16, 32, 9, 3, 1, 1),        # odd width: the register tile must divide 9
+    (16, 32, 10, 3, 2, 1),       # strided
+    (3, 16, 12, 7, 2, 1),        # stem-like: 3 input channels
+    (24, 24, 8, 3, 1, 24),       # depthwise
+    (8, 12, 6, 3, 1, 1),         # 12 output channels: 4-lane vectors
+])
+def test_conv2d_rule_matches_and_is_exact(tmp_path, preset, cin, cout, hw, k, stride, group):
+    build_and_check(conv_model(tmp_path, cin, cout, hw, k, stride, group), preset, {"conv2d_nhwc"})
+
+
+@pytest.mark.parametrize("preset", _targets())
+def test_matmul_rule_dense_and_batched(tmp_path, preset):
+    rng = np.random.default_rng(1)
+    w = numpy_helper.from_array(rng.standard_normal((48, 64)).astype(np.float32), "w")
+    b = numpy_helper.from_array(rng.standard_normal(64).astype(np.float32), "b")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Add", ["h", "b"], ["a"]),
+             helper.make_node("Transpose", ["a"], ["t"], perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["a", "t"], ["y"])]          # batched, both operands computed
+    path = _save(tmp_path, nodes, [("x", [2, 12, 48])], [w, b], "mm")
+    build_and_check(path, preset, {"matmul"})
+
+
+@pytest.mark.parametrize("preset", _targets())
+def test_pooling_rules(tmp_path, preset):
+    rng = np.random.default_rng(2)
+    w = numpy_helper.from_array(rng.standard_normal((32, 16, 3, 3)).astype(np.float32), "w")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1] * 4),
+             helper.make_node("MaxPool", ["c"], ["p"], kernel_shape=[3, 3], strides=[2, 2], pads=[1] * 4),
+             helper.make_node("GlobalAveragePool", ["p"], ["y"])]
+    path = _save(tmp_path, nodes, [("x", [1, 16, 16, 16])], [w], "pool")
+    build_and_check(path, preset, {"conv2d_nhwc", "channels_last_reduction"})
+
+
+def test_rules_leave_unknown_kernels_alone(mlp_mod):
+    """Softmax goes to DLight's CPU Reduction rule; nothing is scheduled twice."""
+    _, mod, target = mlp_mod
+    built = build(mod, target, None)
+    assert built.default_scheduled.get("softmax", "Reduction") in ("Reduction",)
+    assert built.scheduled_tasks == 0
+
+
+def test_register_tile_fits_the_register_file():
+    from schedules.cpu.conv2d import register_tile
+
+    assert register_tile(56, 4, 32) == (8, 2)       # 16 accumulators of 32 zmm
+    assert register_tile(7, 4, 32) == (7, 2)
+    assert register_tile(7, 4, 16) == (7, 1)        # AVX2: 16 ymm registers
+    w_i, f_r = register_tile(13, 3, 16)
+    assert 13 % w_i == 0 and 3 % f_r == 0 and w_i * f_r <= 8
+
+
+def test_tunable_space_starts_at_the_default(tiny_mod):
+    """With tunable=True the rule emits sample_perfect_tile decisions equal to the untuned tiles,
+    so the design space's default point is the untuned schedule."""
+    from schedules.space import matching_rule, rule_space
+    from pipeline.tuning import extract_tasks
+
+    _, mod, target = tiny_mod
+    tasks = [t for t in extract_tasks(mod, target) if "conv2d" in t.task_name]
+    assert tasks
+    task_mod = tasks[0].dispatched[0]
+    rule = matching_rule(task_mod, target)
+    assert rule is not None and rule.name == "conv2d_nhwc"
+    sch = rule.apply(task_mod["main"], target, tunable=True)
+    samples = [inst for inst in sch.trace.insts if inst.kind.name == "SamplePerfectTile"]
+    assert samples, "the design space has no knobs"
+    untuned = rule.apply(task_mod["main"], target, tunable=False)
+    assert not [i for i in untuned.trace.insts if i.kind.name == "SamplePerfectTile"]
+    name, space = rule_space(task_mod, target)
+    assert name == "conv2d_nhwc" and space is not None
