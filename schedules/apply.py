@@ -36,8 +36,8 @@ def schedule_func(func: tirx.PrimFunc, target, rules: list, tunable: bool = Fals
     for rule in rules:
         try:
             sch = rule.apply(func, target, tunable)
-        except (tvm.TVMError, ValueError) as exc:   # a rule that cannot handle an odd shape
-            log.debug("rule %s failed: %s", type(rule).__name__, exc)
+        except (RuntimeError, ValueError) as exc:   # TVM errors are RuntimeErrors: a shape the rule cannot handle
+            log.warning("rule %s failed on %s: %s", type(rule).__name__, func.attrs.get("global_symbol", "?") if func.attrs else "?", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
             continue
         if sch is None:
             continue

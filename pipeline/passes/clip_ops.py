@@ -39,7 +39,7 @@ class _Rewriter(PyExprMutator):
         super().__init__(mod)
         self.mod_ = mod
 
-    def visit_call_(self, call):  # noqa: N802  (PyExprMutator's naming)
+    def visit_call_(self, call):
         call = super().visit_call_(call)
         if call.op != tvm.ir.Op.get("relax.call_tir") or not isinstance(call.args[0], relax.GlobalVar):
             return call
@@ -53,7 +53,7 @@ class _Rewriter(PyExprMutator):
 
 
 @tvm.transform.module_pass(opt_level=0, name="ClipCallTIRToOps")
-def ClipCallTIRToOps(mod: tvm.IRModule, _ctx) -> tvm.IRModule:  # noqa: N802  (TVM pass naming)
+def ClipCallTIRToOps(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     rewriter = _Rewriter(mod)
     for gv, func in mod.functions_items():
         if isinstance(func, relax.Function):

@@ -4,7 +4,7 @@ busy and full-width vector loads and stores."""
 
 from __future__ import annotations
 
-from tvm import s_tir, tirx
+from tvm import s_tir
 
 from schedules.analysis import block_facts, vector_lanes
 from schedules.common import extents, schedule_injective
