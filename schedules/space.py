@@ -4,10 +4,14 @@ MultiLevelTiling from scratch."""
 
 from __future__ import annotations
 
+import logging
+
 from tvm.s_tir import meta_schedule as ms
 
 from schedules.apply import default_rules
 from schedules.rule import CPURule
+
+log = logging.getLogger(__name__)
 
 
 def matching_rule(mod, target) -> CPURule | None:
@@ -15,8 +19,13 @@ def matching_rule(mod, target) -> CPURule | None:
     have no knobs to search)."""
     func = mod["main"]
     for rule in default_rules(target):
-        if isinstance(rule, CPURule) and rule.apply(func, target, tunable=True) is not None:
-            return rule
+        if not isinstance(rule, CPURule):
+            continue
+        try:
+            if rule.apply(func, target, tunable=True) is not None:
+                return rule
+        except (RuntimeError, ValueError) as exc:   # logged like the untuned path; next rule
+            log.warning("rule %s failed on a task: %s", rule.name, str(exc).splitlines()[0])
     return None
 
 

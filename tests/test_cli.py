@@ -29,7 +29,7 @@ def test_run_reports_json_and_exports_a_verified_artifact(tiny_run):
             "artifact", "mlflow_run_id"} <= set(summary)
     assert summary["model"] == "tiny-cnn" and summary["verified"] is True
     assert summary["tasks"] == 7 and summary["trials_new"] >= 6 and summary["trials_reused"] == 0
-    assert set(summary["latency_ms"]) == {"tuned", "onnxruntime", "untuned"}
+    assert set(summary["latency_ms"]) == {"tuned", "onnxruntime", "openvino", "untuned"}
     manifest = json.loads((cwd / summary["artifact"] / "manifest.json").read_text())
     assert manifest["target"]["kind"] == "llvm" and len(manifest["model_sha256"]) == 64
     assert {"model.so", "params.bin", "verify.npz"} <= set(manifest["files"])
@@ -48,7 +48,8 @@ def test_run_is_recorded_in_mlflow(tiny_run):
     assert r.data.params["preset"] == summary["preset"] and "FuseTIR" in r.data.params["passes"]
     assert r.data.params["version.apache-tvm"].startswith("0.27")
     assert r.data.metrics["trials_new"] == summary["trials_new"]
-    assert r.data.metrics["latency_tuned_median"] > 0 and "speedup_tuned_vs_onnxruntime" in r.data.metrics
+    assert r.data.metrics["latency_tuned_median"] > 0 and "speedup_tuned_vs_onnxruntime" in r.data.metrics \
+        and "speedup_tuned_vs_openvino" in r.data.metrics
     assert client.get_metric_history(r.info.run_id, "tune_best_latency_ms")
     paths = {a.path for a in client.list_artifacts(r.info.run_id, "run")}
     assert "run/summary.json" in paths and "run/metaschedule" in paths

@@ -15,10 +15,10 @@ from pipeline.targets import detect_host, load_presets, resolve_target
 from pipeline.verify import onnxruntime_session, seeded_inputs
 
 
-def _save(tmp_path, nodes, inputs, inits, name="m"):
+def _save(tmp_path, nodes, inputs, inits, out_shape, name="m"):
     graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info(n, TensorProto.FLOAT, s)
                                             for n, s in inputs],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     path = tmp_path / f"{name}.onnx"
@@ -33,7 +33,8 @@ def conv_model(tmp_path, cin, cout, hw, k, stride=1, group=1):
     nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[k // 2] * 4, strides=[stride] * 2,
                               group=group),
              helper.make_node("Relu", ["c"], ["y"])]
-    return _save(tmp_path, nodes, [("x", [1, cin, hw, hw])], [w, b], "conv")
+    out = (hw + 2 * (k // 2) - k) // stride + 1
+    return _save(tmp_path, nodes, [("x", [1, cin, hw, hw])], [w, b], [1, cout, out, out], "conv")
 
 
 def _targets():
@@ -82,7 +83,7 @@ def test_matmul_rule_dense_and_batched(tmp_path, preset):
     nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Add", ["h", "b"], ["a"]),
              helper.make_node("Transpose", ["a"], ["t"], perm=[0, 2, 1]),
              helper.make_node("MatMul", ["a", "t"], ["y"])]          # batched, both operands computed
-    path = _save(tmp_path, nodes, [("x", [2, 12, 48])], [w, b], "mm")
+    path = _save(tmp_path, nodes, [("x", [2, 12, 48])], [w, b], [2, 12, 12], "mm")
     build_and_check(path, preset, {"matmul"})
 
 
@@ -93,7 +94,7 @@ def test_pooling_rules(tmp_path, preset):
     nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1] * 4),
              helper.make_node("MaxPool", ["c"], ["p"], kernel_shape=[3, 3], strides=[2, 2], pads=[1] * 4),
              helper.make_node("GlobalAveragePool", ["p"], ["y"])]
-    path = _save(tmp_path, nodes, [("x", [1, 16, 16, 16])], [w], "pool")
+    path = _save(tmp_path, nodes, [("x", [1, 16, 16, 16])], [w], [1, 32, 1, 1], "pool")
     build_and_check(path, preset, {"conv2d_nhwc", "channels_last_reduction"})
 
 
@@ -108,7 +109,7 @@ def test_rules_leave_unknown_kernels_alone(mlp_mod):
 def test_register_tile_fits_the_register_file():
     from schedules.cpu.conv2d import register_tile
 
-    assert register_tile(56, 4, 32) == (8, 2)       # 16 accumulators of 32 zmm
+    assert register_tile(56, 4, 32) == (4, 4)       # 16 accumulators of 32 zmm, fewest loads
     assert register_tile(7, 4, 32) == (7, 2)
     assert register_tile(7, 4, 16) == (7, 1)        # AVX2: 16 ymm registers
     w_i, f_r = register_tile(13, 3, 16)

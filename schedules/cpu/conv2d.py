@@ -78,7 +78,7 @@ def _indexed_by(region, variables: list) -> bool:
 def register_tile(width: int, f_vectors: int, registers: int) -> tuple[int, int]:
     """(w_i, f_r): the most accumulators within half the vector register file (the rest holds the
     weight vectors, the broadcast input and what LLVM needs for addressing without spilling);
-    on a tie, the taller tile, which loads fewer weight vectors per FMA."""
+    on a tie, the squarer tile, which issues fewer loads per FMA (4x4: 8 per 16 FMAs, 8x2: 10)."""
     best = (1, 1)
     for f_r in (1, 2, 4):
         if f_vectors % f_r:

@@ -33,8 +33,11 @@ class ChannelsLastReduction(CPURule):
             return False
         inner = anchor.block.iter_vars[n_spatial - 1].var
         out = anchor.block.writes[0].region
-        if not out[-1].min.same_as(inner) or not any(r.region[-1].min.same_as(inner)
-                                                     for r in anchor.block.reads):
+        # Every read runs along the channel axis too; a read whose last index is something else
+        # (a matmul's A[m, k]) would make the vector loads strided.
+        tensors = [r for r in anchor.block.reads if len(r.region) == len(out)]
+        if not out[-1].min.same_as(inner) or not tensors or \
+                not all(r.region[-1].min.same_as(inner) for r in tensors):
             return False
         lanes_max = vector_lanes(target)
         loops = sch.get_loops(anchor.rv)
