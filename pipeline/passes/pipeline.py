@@ -53,6 +53,9 @@ def graph_passes(layout: str = "NCHW", prepack: bool = False) -> list[NamedPass]
         NamedPass(f"ConvertLayout({layout})", "the data layout the target's conv schedules want",
                   lambda: _layout_pass(layout)),
         NamedPass("FoldConstant", "fold weight transposes from the layout change", T.FoldConstant),
+        NamedPass("FastMathTransform", "erf, exp, tanh and softmax as vectorizable polynomial "
+                  "approximations (libm's erff is scalar: BERT-mini's GELU kernel took 2x its "
+                  "matmul); verification checks the result", T.FastMathTransform),
         NamedPass("LegalizeOps", "lower each Relax op to a TIR PrimFunc", T.LegalizeOps),
         NamedPass("AnnotateTIROpPattern", "classify kernels (injective, reduction, ...) for fusion",
                   T.AnnotateTIROpPattern),
