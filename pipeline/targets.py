@@ -17,6 +17,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from pipeline.errors import UserError
+from pipeline.runtime import physical_cores
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ def detect_host() -> HostInfo:
     logical = psutil.cpu_count(logical=True) or 1
     return HostInfo(arch=arch, cpu_name=info.get("brand_raw", "unknown"),
                     features=frozenset(f.lower() for f in info.get("flags", [])),
-                    physical_cores=psutil.cpu_count(logical=False) or logical, logical_cores=logical,
+                    physical_cores=physical_cores(), logical_cores=logical,
                     cuda_arch=cuda_arch, cuda_name=cuda_name)
 
 

@@ -54,15 +54,6 @@ def _nested(block: tirx.SBlock) -> bool:
     return not isinstance(block.body, tirx.BufferStore)
 
 
-def constant_extents(block: tirx.SBlock) -> list[int] | None:
-    extents = []
-    for iv in block.iter_vars:
-        if not isinstance(iv.dom.extent, tirx.IntImm):
-            return None
-        extents.append(int(iv.dom.extent))
-    return extents
-
-
 def index_vars(index: tirx.PrimExpr) -> list:
     return list(tirx.analysis.undefined_vars(index))
 

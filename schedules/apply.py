@@ -29,24 +29,32 @@ def default_rules(target) -> list:
     return []
 
 
-def schedule_func(func: tirx.PrimFunc, target, rules: list, tunable: bool = False):
-    """(rule name, Schedule) from the first rule that matches, or None."""
-    from tvm.s_tir import meta_schedule as ms
-
+def first_match(func: tirx.PrimFunc, target, rules: list, tunable: bool = False, kernel: str = "?"):
+    """(rule, Schedule) from the first rule that schedules `func`, or None. A rule that fails on
+    an odd shape (TVM's errors are RuntimeErrors) is logged and the next one tried."""
     for rule in rules:
         try:
             sch = rule.apply(func, target, tunable)
-        except (RuntimeError, ValueError) as exc:   # TVM errors are RuntimeErrors: a shape the rule cannot handle
-            log.warning("rule %s failed on %s: %s", type(rule).__name__, func.attrs.get("global_symbol", "?") if func.attrs else "?", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        except (RuntimeError, ValueError) as exc:
+            log.warning("rule %s failed on %s: %s", type(rule).__name__, kernel,
+                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
             continue
-        if sch is None:
-            continue
-        if isinstance(sch, list):
-            sch = sch[0]
-        if func.attrs and "layout_free_buffers" in func.attrs and target.kind.name == "llvm":
-            ms.postproc.RewriteLayout().apply(sch)
-        return getattr(rule, "name", type(rule).__name__), sch
+        if sch is not None:
+            return rule, sch[0] if isinstance(sch, list) else sch
     return None
+
+
+def schedule_func(func: tirx.PrimFunc, target, rules: list, kernel: str = "?"):
+    """(rule name, Schedule) from the first rule that matches, weights prepacked; or None."""
+    from tvm.s_tir import meta_schedule as ms
+
+    found = first_match(func, target, rules, kernel=kernel)
+    if found is None:
+        return None
+    rule, sch = found
+    if func.attrs and "layout_free_buffers" in func.attrs and target.kind.name == "llvm":
+        ms.postproc.RewriteLayout().apply(sch)
+    return getattr(rule, "name", type(rule).__name__), sch
 
 
 @tvm.transform.module_pass(opt_level=0, name="ScheduleUntuned")
@@ -64,7 +72,7 @@ class ScheduleUntuned:
         for gv, func in mod.functions_items():
             if not isinstance(func, tirx.PrimFunc) or (func.attrs and func.attrs.get("tirx.is_scheduled")):
                 continue
-            found = schedule_func(func, target, rules)
+            found = schedule_func(func, target, rules, kernel=gv.name_hint)
             if found is None:
                 continue
             name, sch = found

@@ -39,23 +39,33 @@ def extents(sch: s_tir.Schedule, loops) -> list[int]:
     return out
 
 
-def schedule_injective(sch: s_tir.Schedule, block, lanes: int, parallel: bool = True) -> None:
-    """Parallel outer loops, vectorized innermost axis (when it divides by `lanes`)."""
+def _split_off_vector(sch: s_tir.Schedule, loops: list, lanes: int) -> list:
+    """Split `lanes` off the innermost loop and vectorize them when it divides; returns the loops
+    left above the vector."""
+    (inner,) = extents(sch, loops[-1:])
+    if inner % lanes or inner < lanes:
+        return loops
+    outer, vec = sch.split(loops[-1], factors=[None, lanes])
+    sch.vectorize(vec)
+    return loops[:-1] + [outer]
+
+
+def schedule_injective(sch: s_tir.Schedule, block, lanes: int) -> None:
+    """Parallel outer loops, vectorized innermost axis. An innermost axis that does not divide
+    by `lanes` stays serial below the parallel loop when short (vectorized if a power of two
+    up to 16), else joins the parallel loop."""
     loops = sch.get_loops(block)
     if not loops:
         return
-    exts = extents(sch, loops)
-    inner = loops[-1]
-    if exts[-1] % lanes == 0 and exts[-1] >= lanes:
-        outer_part, inner = sch.split(loops[-1], factors=[None, lanes])
-        loops = loops[:-1] + [outer_part]
-        sch.vectorize(inner)
-    elif exts[-1] <= 64:
-        loops = loops[:-1]
-        sch.vectorize(inner) if exts[-1] in (2, 4, 8, 16) else None
-    if parallel and loops:
-        fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
-        sch.parallel(fused)
+    inner = extents(sch, loops)[-1]                 # symbolic extents: not ours to schedule
+    rest = _split_off_vector(sch, loops, lanes)
+    if rest is loops:
+        if inner <= 64:
+            rest = loops[:-1]
+            if inner in (2, 4, 8, 16):
+                sch.vectorize(loops[-1])
+    if rest:
+        sch.parallel(sch.fuse(*rest) if len(rest) > 1 else rest[0])
 
 
 def tile_epilogue(sch: s_tir.Schedule, block, depth: int, lanes: int) -> None:
@@ -64,12 +74,7 @@ def tile_epilogue(sch: s_tir.Schedule, block, depth: int, lanes: int) -> None:
     tile = sch.get_loops(block)[depth:]
     if not tile:
         return
-    exts = extents(sch, tile)
-    if exts[-1] % lanes == 0 and exts[-1] >= lanes:
-        outer, vec = sch.split(tile[-1], factors=[None, lanes])
-        sch.vectorize(vec)
-        tile = tile[:-1] + [outer]
-    for lp in tile:
+    for lp in _split_off_vector(sch, tile, lanes):
         sch.unroll(lp)
 
 

@@ -20,12 +20,6 @@ def largest_divisor(n: int, at_most: int) -> int:
     return max(d for d in divisors(n) if d <= at_most)
 
 
-def closest_divisor(n: int, want: int, at_most: int | None = None) -> int:
-    """The divisor of `n` nearest `want` (ties go to the larger), capped at `at_most`."""
-    cands = [d for d in divisors(n) if at_most is None or d <= at_most]
-    return min(cands, key=lambda d: (abs(d - want), -d))
-
-
 @dataclass
 class Knobs:
     sch: s_tir.Schedule

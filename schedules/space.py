@@ -4,29 +4,18 @@ MultiLevelTiling from scratch."""
 
 from __future__ import annotations
 
-import logging
-
 from tvm.s_tir import meta_schedule as ms
 
-from schedules.apply import default_rules
+from schedules.apply import default_rules, first_match
 from schedules.rule import CPURule
-
-log = logging.getLogger(__name__)
 
 
 def matching_rule(mod, target) -> CPURule | None:
     """The first of our rules that schedules this task's `main` (DLight's own rules excluded: they
     have no knobs to search)."""
-    func = mod["main"]
-    for rule in default_rules(target):
-        if not isinstance(rule, CPURule):
-            continue
-        try:
-            if rule.apply(func, target, tunable=True) is not None:
-                return rule
-        except (RuntimeError, ValueError) as exc:   # logged like the untuned path; next rule
-            log.warning("rule %s failed on a task: %s", rule.name, str(exc).splitlines()[0])
-    return None
+    rules = [r for r in default_rules(target) if isinstance(r, CPURule)]
+    found = first_match(mod["main"], target, rules, tunable=True, kernel="a tuning task")
+    return found[0] if found else None
 
 
 def rule_space(mod, target):

@@ -26,11 +26,7 @@ def _elementwise_op(gv, func) -> str | None:
 
 
 def _ndim(expr) -> int | None:
-    for attr in ("struct_info", "ty"):
-        info = getattr(expr, attr, None)
-        if info is not None and hasattr(info, "ndim"):
-            return int(info.ndim)
-    return None
+    return int(expr.ty.ndim) if hasattr(expr.ty, "ndim") else None
 
 
 @mutator

@@ -35,7 +35,6 @@ class ConvMatch:
     prologue: list[BlockFacts]
     anchor: BlockFacts
     epilogue: list[BlockFacts]
-    depthwise: bool
 
 
 def match_conv2d_nhwc(blocks: list[BlockFacts]) -> ConvMatch | None:
@@ -59,10 +58,9 @@ def match_conv2d_nhwc(blocks: list[BlockFacts]) -> ConvMatch | None:
         return None
     if len(data.region) != 4 or not _uses(data.region[3].min, rc):
         return None
-    depthwise = _uses(data.region[3].min, f)
     if not all(b.block.writes and len(b.block.writes[0].source.shape) == 4 for b in blocks[at + 1:]):
         return None
-    return ConvMatch(blocks[:at], anchor, blocks[at + 1:], depthwise)
+    return ConvMatch(blocks[:at], anchor, blocks[at + 1:])
 
 
 def _uses(expr, var) -> bool:
