@@ -190,9 +190,9 @@ def _run_stages(config, resolved, loaded, result: RunResult, recorder, run_dir: 
     result.task_table = [{**asdict(t), "trials": t.trials} for t in report.tasks]
     recorder.metrics({"tasks": result.tasks, "trials_new": report.trials_new,
                       "trials_reused": report.trials_reused, "tune_wall_s": report.wall_s})
-    recorder.series("tune_best_latency_ms", report.curve)
-    result.tune_curve = [{"trials": n, "tune_s": w, "estimated_ms": round(ms_, 4)}
-                         for (n, ms_), (w, _) in zip(report.curve, report.curve_wall)]
+    recorder.series("tune_best_latency_ms", [(n, est) for n, _, est in report.curve])
+    result.tune_curve = [{"trials": n, "tune_s": s, "estimated_ms": round(est, 4)}
+                         for n, s, est in report.curve]
 
     with _stage(result, "build", progress, "compiling", should_stop):
         built = build(mod, target, db_dir, post_passes)

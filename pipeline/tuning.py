@@ -85,8 +85,8 @@ class TuneReport:
     wall_s: float
     stop_reason: str                 # "done", "budget", "time", "no-search"
     database_dir: str
-    curve: list[tuple[int, float]] = field(default_factory=list)  # (new trials, est. latency ms)
-    curve_wall: list[tuple[float, float]] = field(default_factory=list)  # (tuning seconds, est. ms)
+    # (new trials, tuning seconds, estimated model latency ms) after each batch
+    curve: list[tuple[int, float, float]] = field(default_factory=list)
 
     def estimated_ms(self) -> float | None:
         return _estimated_ms(self.tasks)
@@ -403,8 +403,7 @@ def tune(mod, target, database_dir: Path, log_dir: Path, budget: TuneBudget,
                 est = _estimated_ms(report.tasks)
                 elapsed = time.perf_counter() - start
                 if est is not None:
-                    report.curve.append((done, est))
-                    report.curve_wall.append((round(elapsed, 2), est))
+                    report.curve.append((done, round(elapsed, 2), est))
                 per_trial = elapsed / done
                 progress(ProgressEvent("tune", f"{task.report.name}: {n} trials", index, len(tasks),
                                        done, allowed, est, elapsed, per_trial * (allowed - done)))
