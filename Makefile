@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test test-fast clean
+.PHONY: setup browser run test test-fast clean
 
 setup: $(STAMP)
 
@@ -17,11 +17,19 @@ $(STAMP): pyproject.toml
 run: setup
 	$(VENV)/bin/tune run --model resnet50 --target auto
 
+# Debian's chromium for the browser check (tests/test_ui.py), when we may install system packages;
+# without it that one test skips and says why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  { apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 || \
+	    { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1; }; } || \
+	  echo "chromium not installed: tests/test_ui.py will skip"; }
+
 # The whole suite, slow cases included (they run in a cheap form).
-test: setup
+test: setup browser
 	$(VENV)/bin/pytest -q
 
-test-fast: setup
+test-fast: setup browser
 	$(VENV)/bin/pytest -q -m "not slow"
 
 clean:

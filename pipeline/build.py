@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.passes import LiftConstantsToParams
+from pipeline.roofline import kernel_costs
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +21,7 @@ class BuiltModule:
     scheduled_tasks: int               # PrimFuncs that got a schedule from the database
     total_tasks: int
     default_scheduled: dict[str, str] = field(default_factory=dict)   # kernel -> schedules/ rule
+    costs: dict = field(default_factory=dict)   # kernel -> roofline.KernelCost, as compiled
 
 
 def apply_database(mod, target, database_dir: Path | None):
@@ -68,4 +70,5 @@ def build(mod, target, database_dir: Path | None = None, post_passes: list | Non
         mod = apply_passes(mod, target, post_passes)
     mod, params = LiftConstantsToParams(mod)
     executable = tvm.compile(mod, target=target)
-    return BuiltModule(executable, params, scheduled, total, dict(untuned.applied))
+    return BuiltModule(executable, params, scheduled, total, dict(untuned.applied),
+                       kernel_costs(mod))

@@ -6,6 +6,7 @@ import json
 import logging
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -129,6 +130,11 @@ def run(
     model_option: Annotated[list[str] | None, typer.Option(help="Zoo model option KEY=VALUE (repeatable), e.g. layers=2.")] = None,
     input_shape: Annotated[list[str] | None, typer.Option(help="Fix an input shape NAME=D1,D2,... (repeatable).")] = None,
     seed: Annotated[int, typer.Option(help="Seed for inputs and search.")] = 0,
+    winograd: Annotated[bool | None, typer.Option("--winograd/--no-winograd", help="Winograd 3x3 convs (default: the target preset's choice).")] = None,
+    roofline: Annotated[bool, typer.Option(help="Profile every kernel and plot it against this machine's roofline.")] = True,
+    profile_runs: Annotated[int, typer.Option(help="Inferences the per-kernel profile averages.")] = 10,
+    ceilings_dir: Annotated[Path | None, typer.Option(help="Cache of measured machine ceilings (default ~/.cache/tvm-autotune/ceilings).")] = None,
+    register: Annotated[bool, typer.Option(help="Register the verified artifact as an MLflow model version.")] = True,
     show_passes: Annotated[bool, typer.Option(help="Print the graph-pass list first.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="End stdout with one JSON summary line.")] = False,
 ) -> None:
@@ -138,7 +144,8 @@ def run(
 
 def _run(model, target, budget, trials, trials_per_task, time_budget, tuning_logs, out_dir, runs_dir,
          tracking_uri, experiment, skip_untuned, tolerance, repeats, measure_seconds, model_option,
-         input_shape, seed, show_passes, as_json) -> None:
+         input_shape, seed, winograd, roofline, profile_runs, ceilings_dir, register,
+         show_passes, as_json) -> None:
     from pipeline.config import RunConfig, parse_model_options, parse_shape_overrides, resolve_budget
     from pipeline.measure import MeasureSettings
     from pipeline.run import run_pipeline
@@ -149,10 +156,12 @@ def _run(model, target, budget, trials, trials_per_task, time_budget, tuning_log
         budget=tune_budget,
         tuning_logs=tuning_logs, out=out_dir, runs_dir=runs_dir, tracking_uri=tracking_uri,
         experiment=experiment, skip_untuned=skip_untuned, tolerance=tolerance,
-        measure=MeasureSettings(repeats=repeats, max_seconds=measure_seconds), seed=seed)
+        measure=MeasureSettings(repeats=repeats, max_seconds=measure_seconds), seed=seed,
+        winograd=winograd, roofline=roofline, profile_runs=profile_runs, ceilings_dir=ceilings_dir,
+        register=register)
     err.print(budget_line)
     if show_passes:
-        _print_passes(target)
+        _print_passes(target, winograd)
     stop = _StopRequest()
     stop.install()
     view = _ProgressView(enabled=True)
@@ -170,18 +179,18 @@ def _run(model, target, budget, trials, trials_per_task, time_budget, tuning_log
             "mlflow_run_id": result.mlflow_run_id, "stop_reason": result.tune_stop_reason,
             "kernels_scheduled": result.scheduled_kernels, "verification": result.verification,
             "stage_seconds": result.stage_seconds, "tune_curve": result.tune_curve,
+            "roofline": result.roofline, "registered": result.registered,
             "run_dir": result.run_dir}))
 
 
-def _print_passes(target: str) -> None:
-    from pipeline.passes import describe_passes, graph_passes, post_tuning_passes
+def _print_passes(target: str, winograd: bool | None) -> None:
+    from pipeline.passes import describe_passes, preset_passes
     from pipeline.targets import resolve_target
 
     resolved = resolve_target(target)
-    prepack = bool(resolved.tuning.get("weight_prepack", False))
     out.print(f"[bold]graph passes for {resolved.preset}[/] (before tuning, then after it)")
-    for line in describe_passes(graph_passes(resolved.tuning.get("layout", "NCHW"), prepack)
-                                + post_tuning_passes(prepack)):
+    passes, post = preset_passes(resolved.tuning, winograd)
+    for line in describe_passes(passes + post):
         out.print(line)
 
 
@@ -199,7 +208,12 @@ def _print_result(r) -> None:
                       f"{stats['p99_ms']:.3f}", str(stats["samples"]),
                       f"{speed:.2f}x" if speed else "-")
     out.print(table)
-    out.print(f"artifact: {r.artifact}")
+    if r.roofline:
+        roof = r.roofline
+        out.print(f"roofline: kernels at {roof['fraction']:.0%} of attainable (time-weighted); "
+                  f"ceilings {roof['peak_gflops']:g} GFLOP/s, {roof['bandwidth_gbs']:g} GB/s; "
+                  f"plot {roof['dir']}/roofline.png")
+    out.print(f"artifact: {r.artifact}" + (f" | model version {r.registered}" if r.registered else ""))
     out.print(f"mlflow run: {r.mlflow_run_id} | run folder: {r.run_dir}")
 
 
@@ -284,6 +298,156 @@ def _predict(artifact: Path, input_path, output, check: bool) -> None:
     elif not check:
         for s, r in zip(loaded.manifest["outputs"], results):
             out.print(f"{s['name']}: shape {list(r.shape)} {r.dtype}, first values {r.ravel()[:5]}")
+
+
+@app.command()
+def roofline(
+    ref: Annotated[str | None, typer.Argument(help="MLflow run id, run folder or artifact folder.")] = None,
+    calibrate: Annotated[bool, typer.Option(help="Measure this machine's ceilings again (and cache them).")] = False,
+    target: Annotated[str, typer.Option(help="Preset whose ceilings --calibrate measures.")] = "auto",
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db).")] = None,
+    ceilings_dir: Annotated[Path | None, typer.Option(help="Ceilings cache (default ~/.cache/tvm-autotune/ceilings).")] = None,
+    top: Annotated[int, typer.Option(help="Kernels to list, heaviest first.")] = 15,
+) -> None:
+    """Show a run's per-kernel roofline, or (--calibrate) measure this machine's ceilings."""
+    _guard(_roofline, ref, calibrate, target, tracking_uri, ceilings_dir, top)
+
+
+def _roofline(ref, calibrate, target, tracking_uri, ceilings_dir, top) -> None:
+    from pipeline.errors import UserError
+    from pipeline.roofline import find_roofline, read_roofline, weighted_fraction
+    from pipeline.tracking import tracking_uri as resolve_uri
+
+    if calibrate:
+        from pipeline import tvm_compat
+        from pipeline.roofline import machine_ceilings
+        from pipeline.runtime import use_threads
+        from pipeline.targets import resolve_target
+
+        tvm_compat.apply()
+        resolved = resolve_target(target)
+        threads = use_threads(int(resolved.target_dict.get("num-cores", 1)))
+        c = machine_ceilings(resolved.preset, resolved.tvm_target(), threads, ceilings_dir,
+                             recalibrate=True)
+        out.print(f"{c.cpu}, {c.threads} threads ({c.preset}): peak {c.peak_gflops:g} GFLOP/s "
+                  f"({c.gemm}), bandwidth {c.bandwidth_gbs:g} GB/s ({c.stream}), "
+                  f"ridge {c.ridge:.1f} flop/B")
+        if ref is None:
+            return
+    if ref is None:
+        raise UserError("give a run id, run folder or artifact folder (or --calibrate)")
+    folder = find_roofline(ref, resolve_uri(tracking_uri))
+    points, c = read_roofline(folder)
+    out.print(f"ceilings: {c.peak_gflops:g} GFLOP/s, {c.bandwidth_gbs:g} GB/s, ridge {c.ridge:.1f} "
+              f"flop/B ({c.cpu}, {c.threads} threads); kernels at {weighted_fraction(points):.0%} "
+              "of attainable, time-weighted")
+    table = Table("kernel", "calls", "ms", "share", "flop/B", "GFLOP/s", "roof", "fraction", "bound")
+    for p in sorted(points, key=lambda p: -p.share)[:top]:
+        table.add_row(p.kernel, str(p.calls), f"{p.ms:.3f}", f"{p.share:.1%}", f"{p.intensity:.1f}",
+                      f"{p.achieved_gflops:.0f}", f"{p.attainable_gflops:.0f}",
+                      f"{p.fraction:.0%}", p.bound)
+    out.print(table)
+    out.print(f"plot: {folder / 'roofline.png'} | table: {folder / 'roofline.html'}")
+
+
+@app.command()
+def compare(
+    run_ids: Annotated[list[str] | None, typer.Argument(help="MLflow run ids (or use --model).")] = None,
+    model: Annotated[str | None, typer.Option(help="Compare the latest runs of this model.")] = None,
+    preset: Annotated[str | None, typer.Option(help="... on this preset only.")] = None,
+    limit: Annotated[int, typer.Option(help="At most this many runs with --model.")] = 10,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON line instead of the table.")] = False,
+) -> None:
+    """Runs side by side: latency, speedups, tuning cost, roofline fraction."""
+    _guard(_compare, run_ids, model, preset, limit, tracking_uri, as_json)
+
+
+def _compare(run_ids, model, preset, limit, tracking_uri, as_json) -> None:
+    from pipeline.compare import compare_runs
+
+    rows = compare_runs(_client(tracking_uri), run_ids, model, preset, limit)
+    if as_json:
+        print(json.dumps([r.as_dict() for r in rows]))
+        return
+    # One column per run, so a few runs fit any terminal side by side.
+    baselines = sorted({b for r in rows for b in r.speedups if b != "untuned"})
+    fields = [("started", lambda r: r.started), ("model", lambda r: r.model),
+              ("preset", lambda r: r.preset), ("status", lambda r: r.status),
+              ("verified", lambda r: "yes" if r.verified else "no"),
+              ("tuned ms", lambda r: _fmt(r.latency_ms, "{:.3f}")),
+              *[(f"vs {b}", lambda r, b=b: _fmt(r.speedups.get(b), "{:.2f}x")) for b in baselines],
+              ("trials new", lambda r: _fmt(r.trials_new, "{}")),
+              ("trials reused", lambda r: _fmt(r.trials_reused, "{}")),
+              ("tune s", lambda r: _fmt(r.tune_wall_s, "{:.0f}")),
+              ("roofline", lambda r: _fmt(r.roofline_fraction, "{:.0%}")),
+              ("version", lambda r: r.model_version or "-")]
+    table = Table("run", *[r.run_id[:12] for r in rows])
+    for label, get in fields:
+        table.add_row(label, *[get(r) for r in rows])
+    out.print(table)
+    out.print("speedup = baseline latency / tuned latency (higher is better)")
+
+
+def _fmt(value, pattern: str) -> str:
+    return "-" if value is None else pattern.format(value)
+
+
+def _client(tracking_uri):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import quiet_mlflow
+    from pipeline.tracking import tracking_uri as resolve_uri
+
+    quiet_mlflow()
+    return MlflowClient(tracking_uri=resolve_uri(tracking_uri))
+
+
+@app.command()
+def promote(
+    model: Annotated[str, typer.Option("--model", "-m", help="Model name (as in `tune run`).")],
+    target: Annotated[str, typer.Option(help="Preset name, or auto.")] = "auto",
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db).")] = None,
+) -> None:
+    """Point the `champion` alias at the fastest verified model version of MODEL on the preset."""
+    _guard(_promote, model, target, tracking_uri)
+
+
+def _promote(model, target, tracking_uri) -> None:
+    from pipeline.registry import CHAMPION, promote_best
+    from pipeline.targets import resolve_target
+
+    preset = resolve_target(target).preset
+    p = promote_best(_client(tracking_uri), model, preset)
+    moved = "kept" if p.previous == p.version else f"moved from version {p.previous}" \
+        if p.previous else "set"
+    out.print(f"{p.name}@{CHAMPION} -> version {p.version} ({p.latency_ms:.3f} ms, fastest of "
+              f"{p.candidates} verified; {moved})")
+    out.print(f'load it: mlflow.pyfunc.load_model("models:/{p.name}@{CHAMPION}")')
+
+
+@app.command()
+def ui(
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (0: any free port).")] = 5000,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow store (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db).")] = None,
+) -> None:
+    """Start the MLflow UI on 127.0.0.1 against the project's store; Ctrl-C stops it."""
+    _guard(_ui, port, tracking_uri)
+
+
+def _ui(port, tracking_uri) -> None:
+    from pipeline.tracking import serve_ui
+    from pipeline.tracking import tracking_uri as resolve_uri
+
+    uri = resolve_uri(tracking_uri)
+    with serve_ui(uri, port) as url:
+        out.print(f"MLflow UI: {url}  (store {uri}; Ctrl-C to stop)", highlight=False)
+        print(url, flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
 
 
 logs_app = typer.Typer(no_args_is_help=True, help="Curate the tuning logs (one MetaSchedule database per preset).")

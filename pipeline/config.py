@@ -28,6 +28,11 @@ class RunConfig:
     verify_samples: int = 2
     measure: MeasureSettings = field(default_factory=MeasureSettings)
     seed: int = 0
+    winograd: bool | None = None                          # None: the target preset's choice
+    roofline: bool = True                                 # per-kernel profile + roofline plot
+    profile_runs: int = 10                                # inferences the kernel profile averages
+    ceilings_dir: Path | None = None                      # None: ~/.cache/tvm-autotune/ceilings
+    register: bool = True                                 # artifact -> MLflow model version
 
 
 @dataclass(frozen=True)

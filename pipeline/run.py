@@ -46,6 +46,8 @@ class RunResult:
     task_table: list[dict] = field(default_factory=list)
     scheduled_kernels: str = ""
     tune_curve: list[dict] = field(default_factory=list)   # estimated model latency while tuning
+    roofline: dict = field(default_factory=dict)           # ceilings, weighted fraction, top kernels
+    registered: str = ""                                   # "<registered model>/<version>"
 
     def summary(self) -> dict:
         return asdict(self)
@@ -63,6 +65,8 @@ def prepare(config: RunConfig):
         raise UserError("--trials-per-task must be >= 1")
     if config.tolerance <= 0:
         raise UserError("--tolerance must be positive")
+    if config.profile_runs < 1:
+        raise UserError("--profile-runs must be >= 1")
     resolved = resolve_target(config.target)
     check_writable(config.out)
     check_writable(config.tuning_logs)
@@ -104,7 +108,7 @@ def run_pipeline(config: RunConfig, progress: ProgressCallback = no_progress,
     file_log, root_level = _attach_run_log(run_dir)
     try:
         _run_stages(config, resolved, loaded, result, recorder, run_dir, progress, should_stop,
-                    detect_host())
+                    detect_host(), threads)
         recorder.finish("FINISHED")
     except KeyboardInterrupt:
         recorder.finish("KILLED", "interrupted (Ctrl-C or SIGTERM); finished tuning records are kept")
@@ -141,15 +145,15 @@ def _attach_run_log(run_dir: Path) -> tuple[logging.Handler, int]:
 
 
 def _run_stages(config, resolved, loaded, result: RunResult, recorder, run_dir: Path,
-                progress: ProgressCallback, should_stop, host) -> None:
+                progress: ProgressCallback, should_stop, host, threads: int) -> None:
+    from pipeline.baselines import openvino_runner
     from pipeline.build import build
     from pipeline.export import export_artifact, versions
     from pipeline.importer import import_model
     from pipeline.measure import measure_interleaved
-    from pipeline.passes import apply_passes, describe_passes, graph_passes, post_tuning_passes
+    from pipeline.passes import apply_passes, describe_passes, preset_passes
     from pipeline.runtime import CompiledModel
     from pipeline.tuning import SearchSettings, tune
-    from pipeline.baselines import openvino_runner
     from pipeline.verify import onnxruntime_session, seeded_inputs, verify
 
     target = resolved.tvm_target()
@@ -157,9 +161,7 @@ def _run_stages(config, resolved, loaded, result: RunResult, recorder, run_dir: 
         raise UserError(f"target {resolved.preset} cannot run on this {host.arch} machine; "
                         "cross-compiled export is not supported by `tune run` yet")
     settings = SearchSettings.from_preset(resolved.tuning)
-    prepack = bool(resolved.tuning.get("weight_prepack", False))
-    passes = graph_passes(resolved.tuning.get("layout", "NCHW"), prepack)
-    post_passes = post_tuning_passes(prepack)
+    passes, post_passes = preset_passes(resolved.tuning, config.winograd)
     result.passes = [p.name for p in passes + post_passes]
     db_dir = config.tuning_logs / resolved.preset
     recorder.params({
@@ -203,7 +205,7 @@ def _run_stages(config, resolved, loaded, result: RunResult, recorder, run_dir: 
             plain = build(mod, target, None, post_passes)
             untuned = CompiledModel(plain.executable, list(plain.params.values()))
 
-    threads = int(resolved.target_dict.get("num-cores", 1))
+    # The baselines get the threads TVM's pool really has (an explicit TVM_NUM_THREADS wins).
     session = onnxruntime_session(model, threads=threads)
     with _stage(result, "verify", progress, "checking numerics against ONNX Runtime", should_stop):
         check = verify(model, compiled, session, config.tolerance, config.verify_samples, config.seed)
@@ -236,6 +238,15 @@ def _run_stages(config, resolved, loaded, result: RunResult, recorder, run_dir: 
                              for s in ("median", "p90", "p99")},
                           **{f"speedup_{k}": v for k, v in result.speedups.items()}})
 
+    if config.roofline:
+        with _stage(result, "roofline", progress, "per-kernel times against the roofline",
+                    should_stop):
+            result.roofline = _roofline(config, resolved, target, threads, compiled, arrays, built,
+                                        run_dir / "roofline", f"{result.model} on {resolved.preset}")
+            recorder.metrics({"roofline_fraction": result.roofline["fraction"],
+                              "ceiling_peak_gflops": result.roofline["peak_gflops"],
+                              "ceiling_bandwidth_gbs": result.roofline["bandwidth_gbs"]})
+
     with _stage(result, "export", progress, "exporting the artifact", should_stop):
         manifest = {"model_sha256": model.sha256, "model_source": config.model,
                     "target": resolved.target_dict, "target_reason": resolved.reason,
@@ -251,6 +262,31 @@ def _run_stages(config, resolved, loaded, result: RunResult, recorder, run_dir: 
         result.artifact = str(folder)
         recorder.tags({"artifact": str(folder.resolve())})
         recorder.artifact(folder / "manifest.json", "artifact")
+        if config.register:
+            from pipeline.registry import register_artifact
+
+            reg = register_artifact(recorder.client, recorder.run_id, folder, result.model,
+                                    resolved.preset, "fp32", result.latency_ms["tuned"],
+                                    check.passed)
+            result.registered = f"{reg.name}/{reg.version}"
+            recorder.tags({"registered_model": reg.name, "model_version": reg.version})
+
+
+def _roofline(config, resolved, target, threads: int, compiled, arrays, built, out_dir: Path,
+              title: str) -> dict:
+    from pipeline.profile import profile_kernels
+    from pipeline.roofline import machine_ceilings, roofline_points, weighted_fraction, write_roofline
+
+    ceilings = machine_ceilings(resolved.preset, target, threads, config.ceilings_dir)
+    profile = profile_kernels(compiled, arrays, runs=config.profile_runs)
+    points = roofline_points(profile, built.costs, ceilings)
+    write_roofline(points, ceilings, out_dir, title)
+    return {"fraction": round(weighted_fraction(points), 4), "peak_gflops": ceilings.peak_gflops,
+            "bandwidth_gbs": ceilings.bandwidth_gbs, "ridge": round(ceilings.ridge, 2),
+            "kernels_ms": round(sum(p.ms for p in points), 3), "dir": str(out_dir),
+            "top": [{"kernel": p.kernel, "share": p.share, "gflops": p.achieved_gflops,
+                     "fraction": p.fraction, "bound": p.bound}
+                    for p in sorted(points, key=lambda p: -p.share)[:5]]}
 
 
 def _timed(compiled, arrays):

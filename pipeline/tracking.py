@@ -8,7 +8,13 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import subprocess
+import sys
 import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -19,7 +25,7 @@ def tracking_uri(explicit: str | None) -> str:
     return explicit or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
-def _quiet_mlflow() -> None:
+def quiet_mlflow() -> None:
     import mlflow  # noqa: F401  (its import configures its loggers; quieten them afterwards)
 
     for name in ("mlflow", "alembic", "sqlalchemy"):
@@ -28,7 +34,7 @@ def _quiet_mlflow() -> None:
 
 class RunRecorder:
     def __init__(self, uri: str, experiment: str, run_name: str, tags: dict[str, str]) -> None:
-        _quiet_mlflow()
+        quiet_mlflow()
         from mlflow.tracking import MlflowClient
 
         self.uri = uri
@@ -79,3 +85,44 @@ class RunRecorder:
             self.tags({"failure_reason": reason})
         self.client.set_terminated(self.run_id, status=status)
         self._ended = True
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def serve_ui(uri: str, port: int = 5000, timeout_s: float = 60.0) -> Iterator[str]:
+    """The MLflow UI on 127.0.0.1 over `uri`, up and answering; yields its URL, stops it on exit."""
+    from pipeline.errors import UserError
+
+    port = port or free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if proc.poll() is not None:
+                raise UserError(f"the MLflow UI exited: {(proc.stderr.read() or '').strip()[-300:]}")
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise UserError(f"the MLflow UI did not answer on {url} within {timeout_s:.0f} s")
+            time.sleep(0.5)
+        yield url
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()

@@ -37,6 +37,15 @@ def tune_cli(args: list[str], cwd: Path, timeout: float = 600, env: dict | None 
     return CliRun(proc.returncode, proc.stdout, proc.stderr, time.perf_counter() - start)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def ceilings_cache(tmp_path_factory) -> Path:
+    """One machine-ceilings measurement per test session (not the user's ~/.cache): every run in
+    the session, CLI subprocesses included, reads it from here."""
+    cache = tmp_path_factory.mktemp("xdg_cache")
+    os.environ["XDG_CACHE_HOME"] = str(cache)
+    return cache / "tvm-autotune" / "ceilings"
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> tuple[Path, CliRun]:
     """`tune run --model tiny-cnn --trials 7 --json` in a fresh directory (one trial per task)."""

@@ -17,9 +17,11 @@ def test_run_pipeline_reports_progress_and_prints_nothing(tmp_path, capfd):
     out, err = capfd.readouterr()
     assert out == "", "the library never prints"
     stages = [e.stage for e in events if e.n_tasks is None]
-    assert stages == ["import", "passes", "tune", "build", "verify", "measure", "export"]
+    assert stages == ["import", "passes", "tune", "build", "verify", "measure", "roofline", "export"]
     tune_events = [e for e in events if e.n_tasks is not None]
     assert tune_events and tune_events[-1].trials_done == 2 == tune_events[-1].trials_total
     assert result.verified and result.trials_new == 2 and set(result.latency_ms) == {"tuned", "onnxruntime", "openvino"}
     assert (tmp_path / "runs" / result.run_dir.split("/")[-1] / "summary.json").exists()
     assert sorted(result.stage_seconds) == sorted(stages)
+    assert 0 < result.roofline["fraction"] <= 1.5 and result.roofline["top"]
+    assert (tmp_path / "runs" / result.run_dir.split("/")[-1] / "roofline" / "roofline.png").exists()

@@ -1,6 +1,8 @@
 """schedules/: each default rule matches the kernels it is for, and the scheduled (and weight-
 prepacked) module computes what ONNX Runtime computes. Small shapes only; no timing."""
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -26,7 +28,7 @@ def _save(tmp_path, nodes, inputs, inits, out_shape, name="m"):
     return str(path)
 
 
-def conv_model(tmp_path, cin, cout, hw, k, stride=1, group=1):
+def conv_model(tmp_path, cin, cout, hw, k, stride=1, group=1, batch=1):
     rng = np.random.default_rng(0)
     w = numpy_helper.from_array(rng.standard_normal((cout, cin // group, k, k)).astype(np.float32), "w")
     b = numpy_helper.from_array(rng.standard_normal(cout).astype(np.float32), "b")
@@ -34,7 +36,7 @@ def conv_model(tmp_path, cin, cout, hw, k, stride=1, group=1):
                               group=group),
              helper.make_node("Relu", ["c"], ["y"])]
     out = (hw + 2 * (k // 2) - k) // stride + 1
-    return _save(tmp_path, nodes, [("x", [1, cin, hw, hw])], [w, b], [1, cout, out, out], "conv")
+    return _save(tmp_path, nodes, [("x", [batch, cin, hw, hw])], [w, b], [batch, cout, out, out], "conv")
 
 
 def _targets():
@@ -46,12 +48,12 @@ def _targets():
     return [n for n in names if n in presets]
 
 
-def build_and_check(path, preset, expect_rules):
+def build_and_check(path, preset, expect_rules, winograd=False):
     tvm_compat.apply()
     model = import_model(path)
     resolved = resolve_target(preset)
     target = resolved.tvm_target()
-    mod = apply_passes(model.mod, target, graph_passes(resolved.tuning["layout"], True))
+    mod = apply_passes(model.mod, target, graph_passes(resolved.tuning["layout"], True, winograd))
     built = build(mod, target, None, post_tuning_passes(True))
     assert set(expect_rules) <= set(built.default_scheduled.values()), built.default_scheduled
     feeds = seeded_inputs(model.inputs, 0)
@@ -73,6 +75,80 @@ def build_and_check(path, preset, expect_rules):
 ])
 def test_conv2d_rule_matches_and_is_exact(tmp_path, preset, cin, cout, hw, k, stride, group):
     build_and_check(conv_model(tmp_path, cin, cout, hw, k, stride, group), preset, {"conv2d_nhwc"})
+
+
+@pytest.mark.parametrize("preset", _targets())
+@pytest.mark.parametrize("cin,cout,hw,residual,batch", [
+    (16, 32, 12, False, 1),      # F(2x2, 3x3): 36 tiles of 2x2
+    (16, 16, 24, True, 1),       # F(4x4, 3x3), with a residual add fused into the output transform
+    (16, 16, 24, False, 8),      # 8 images
+])
+def test_winograd_rules_match_and_are_exact(tmp_path, preset, cin, cout, hw, residual, batch):
+    path = conv_model(tmp_path, cin, cout, hw, 3, batch=batch)
+    if residual:
+        model = onnx.load(path)
+        relu = model.graph.node[1]
+        relu.input[0] = "s"
+        model.graph.node.insert(1, helper.make_node("Add", ["c", "x"], ["s"]))
+        onnx.save(model, path)
+    built = build_and_check(path, preset, {"winograd_input", "winograd_output", "matmul"},
+                            winograd=True)
+    assert not any(rule == "conv2d_nhwc" for rule in built.default_scheduled.values())
+
+
+_GUARDED_INPUT_TRANSFORM = """
+import ctypes, mmap, sys
+import numpy as np, tvm
+from tvm import te
+from pipeline import tvm_compat
+from pipeline.passes.winograd import winograd_reference
+from pipeline.targets import resolve_target
+from schedules.cpu.winograd import WINOGRAD, WinogradInputTransform, input_transform
+
+tvm_compat.apply()
+m = int(sys.argv[1])
+shape = (1, 24, 24, 16)                     # 36 kB: nine whole pages
+page, nbytes = mmap.PAGESIZE, 24 * 24 * 16 * 4
+region = mmap.mmap(-1, page + nbytes + page)
+base = ctypes.addressof(ctypes.c_char.from_buffer(region))
+libc = ctypes.CDLL(None)
+for start in (base, base + page + nbytes):  # unreadable pages right before and after the tensor
+    assert libc.mprotect(ctypes.c_void_p(start), page, 0) == 0
+x = np.frombuffer(region, np.float32, 24 * 24 * 16, page).reshape(shape)
+x[...] = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
+target = resolve_target(sys.argv[2]).tvm_target()
+data = te.placeholder(shape, "float32", "x")
+func = te.create_prim_func([data, input_transform(data, m)])
+with target:
+    sch = WinogradInputTransform().apply(func, target, False)
+lib = tvm.tirx.build(sch.mod, target=target)
+alpha = m + 2
+out = tvm.runtime.empty((alpha * alpha, (24 // m) ** 2, 16), "float32", tvm.cpu())
+lib["main"](tvm.runtime.from_dlpack(x), out)
+bt = WINOGRAD[m].BT
+xp = np.pad(x.astype(np.float64), ((0, 0), (1, 1 + alpha), (1, 1 + alpha), (0, 0)))
+tiles = [xp[0, i:i + alpha, j:j + alpha] for i in range(0, 24, m) for j in range(0, 24, m)]
+want = np.stack([bt @ t.transpose(2, 0, 1) @ bt.T for t in tiles])      # [P, C, a, b]
+want = want.transpose(2, 3, 0, 1).reshape(alpha * alpha, -1, 16)
+np.testing.assert_allclose(out.numpy(), want, rtol=1e-5, atol=1e-4)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("m", [2, 4])
+def test_winograd_input_transform_reads_only_its_input(tmp_path, m):
+    """The padding rows and columns must come from a select, never from a load outside the
+    tensor (TVM's simplifier once dropped our index clamp inside the select's true branch, and
+    batch 8 segfaulted). Guard pages around the input make any stray load crash the subprocess."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "guarded.py"
+    script.write_text(_GUARDED_INPUT_TRANSFORM)
+    res = subprocess.run([sys.executable, str(script), str(m), resolve_target("auto").preset],
+                         capture_output=True, text=True, timeout=300,
+                         cwd=str(Path(__file__).resolve().parent.parent))
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-2000:]
 
 
 @pytest.mark.parametrize("preset", _targets())
@@ -119,8 +195,8 @@ def test_register_tile_fits_the_register_file():
 def test_tunable_space_starts_at_the_default(tiny_mod):
     """With tunable=True the rule emits sample_perfect_tile decisions equal to the untuned tiles,
     so the design space's default point is the untuned schedule."""
-    from schedules.space import matching_rule, rule_space
     from pipeline.tuning import extract_tasks
+    from schedules.space import matching_rule, rule_space
 
     _, mod, target = tiny_mod
     tasks = [t for t in extract_tasks(mod, target) if "conv2d" in t.task_name]

@@ -7,7 +7,8 @@ from pipeline.passes.pipeline import (
                                       describe_passes,
                                       graph_passes,
                                       post_tuning_passes,
+                                      preset_passes,
 )
 
 __all__ = ["LiftConstantsToParams", "NamedPass", "apply_passes", "describe_passes", "graph_passes",
-           "post_tuning_passes"]
+           "post_tuning_passes", "preset_passes"]

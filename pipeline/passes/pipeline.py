@@ -34,7 +34,16 @@ def _prepack_marker(prepack: bool):
         transform.Sequential([], name="NoWeightPrepack")
 
 
-def graph_passes(layout: str = "NCHW", prepack: bool = False) -> list[NamedPass]:
+def _winograd_pass(winograd: bool):
+    from tvm import transform
+
+    from pipeline.passes.winograd import WinogradConv2D
+
+    return WinogradConv2D if winograd else transform.Sequential([], name="NoWinograd")
+
+
+def graph_passes(layout: str = "NCHW", prepack: bool = False, winograd: bool = False
+                 ) -> list[NamedPass]:
     from tvm.relax import transform as T
 
     from pipeline.passes.clip_ops import ClipCallTIRToOps
@@ -53,6 +62,9 @@ def graph_passes(layout: str = "NCHW", prepack: bool = False) -> list[NamedPass]
         NamedPass(f"ConvertLayout({layout})", "the data layout the target's conv schedules want",
                   lambda: _layout_pass(layout)),
         NamedPass("FoldConstant", "fold weight transposes from the layout change", T.FoldConstant),
+        NamedPass(f"WinogradConv2D({'on' if winograd else 'off'})", "3x3 stride-1 convs as Winograd "
+                  "F(4x4) / F(2x2): 2.25-4x fewer multiplies, weights transformed at compile time",
+                  lambda: _winograd_pass(winograd)),
         NamedPass("FastMathTransform", "erf, exp, tanh and softmax as vectorizable polynomial "
                   "approximations (libm's erff is scalar: BERT-mini's GELU kernel took 2x its "
                   "matmul); verification checks the result", T.FastMathTransform),
@@ -68,6 +80,16 @@ def graph_passes(layout: str = "NCHW", prepack: bool = False) -> list[NamedPass]
                   "mark weights as layout-free so tuned kernels may ask for a prepacked layout",
                   lambda: _prepack_marker(prepack)),
     ]
+
+
+def preset_passes(tuning: dict, winograd: bool | None = None) -> tuple[list[NamedPass],
+                                                                       list[NamedPass]]:
+    """(graph passes, post-tuning passes) for a target preset's `tuning` section; `winograd`
+    overrides the preset's choice when not None."""
+    prepack = bool(tuning.get("weight_prepack", False))
+    use_winograd = bool(tuning.get("winograd", False)) if winograd is None else winograd
+    return (graph_passes(tuning.get("layout", "NCHW"), prepack, use_winograd),
+            post_tuning_passes(prepack))
 
 
 def post_tuning_passes(prepack: bool = False) -> list[NamedPass]:

@@ -9,6 +9,7 @@ def cpu_rules() -> list:
     from schedules.cpu.conv2d import Conv2DNHWC
     from schedules.cpu.generic import ChannelsLastReduction, Injective
     from schedules.cpu.matmul import Matmul
+    from schedules.cpu.winograd import WinogradInputTransform, WinogradOutputTransform
 
     # DLight's CPU Reduction covers softmax / layer norm (row reductions): no need to write our own.
-    return [Conv2DNHWC(), Matmul(), ChannelsLastReduction(), Reduction(), Injective()]
+    return [WinogradInputTransform(), WinogradOutputTransform(), Conv2DNHWC(), Matmul(), ChannelsLastReduction(), Reduction(), Injective()]

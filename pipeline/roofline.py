@@ -1,0 +1,329 @@
+"""Roofline: how far each kernel of a built model is from what this machine allows.
+
+Ceilings are measured with kernels TVM builds itself: a GEMM on our register-blocked micro-kernel
+(`schedules/cpu/matmul.py`) for fp32 compute, and a streaming scale `b = 2a` over arrays far larger
+than the caches for memory bandwidth. They are cached per machine and preset (a CPU model and a
+thread count give the same ceilings every time; the cache key holds both).
+
+Per kernel: FLOPs from the TIR (`estimate_tir_flops`), bytes as the sizes of its arguments (each
+read or written once: a lower bound on traffic, so the memory-bound points are optimistic), time
+from `pipeline.profile`. Attainable = min(peak, intensity x bandwidth).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import platform
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Ceilings:
+    preset: str
+    threads: int
+    peak_gflops: float          # fp32 FMA throughput reached by our GEMM
+    bandwidth_gbs: float        # DRAM streaming (read + write)
+    cpu: str
+    measured_at: str
+    gemm: str = ""              # what was measured, for the record
+    stream: str = ""
+
+    @property
+    def ridge(self) -> float:
+        """Arithmetic intensity (flop/byte) where the memory roof meets the compute roof."""
+        return self.peak_gflops / self.bandwidth_gbs
+
+    def attainable(self, intensity: float) -> float:
+        return min(self.peak_gflops, intensity * self.bandwidth_gbs)
+
+
+def _cpu_name() -> str:
+    try:
+        import cpuinfo
+
+        return cpuinfo.get_cpu_info().get("brand_raw") or platform.processor()
+    except Exception:  # noqa: BLE001  (py-cpuinfo parses /proc; any failure just loses the name)
+        return platform.processor() or platform.machine()
+
+
+def default_cache_dir() -> Path:
+    import os
+
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root) / "tvm-autotune" / "ceilings"
+
+
+def _cache_file(cache_dir: Path, preset: str, threads: int) -> Path:
+    key = hashlib.sha256(f"{_cpu_name()}|{platform.node()}".encode()).hexdigest()[:12]
+    return cache_dir / f"{preset}-t{threads}-{key}.json"
+
+
+def machine_ceilings(preset: str, target, threads: int, cache_dir: Path | None = None,
+                     recalibrate: bool = False, size: str = "full") -> Ceilings:
+    """Cached ceilings for this machine, or measure them (~15 s; `size="small"` ~3 s, for tests)."""
+    path = _cache_file(cache_dir or default_cache_dir(), preset, threads)
+    if path.exists() and not recalibrate:
+        try:
+            return Ceilings(**json.loads(path.read_text()))
+        except (TypeError, ValueError) as exc:
+            log.warning("ignoring unreadable ceilings cache %s: %s", path, exc)
+    ceilings = measure_ceilings(preset, target, threads, size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(asdict(ceilings), indent=2))
+    log.info("ceilings for %s (%d threads): %.0f GFLOP/s, %.1f GB/s, cached in %s", preset, threads,
+             ceilings.peak_gflops, ceilings.bandwidth_gbs, path)
+    return ceilings
+
+
+def measure_ceilings(preset: str, target, threads: int, size: str = "full") -> Ceilings:
+    from datetime import datetime, timezone
+
+    batch, n = (8, 256) if size == "full" else (2, 128)
+    stream = (32 if size == "full" else 8) * 1024 * 1024        # floats per array
+    gflops = _gemm_gflops(target, batch, n)
+    gbs = _stream_gbs(target, stream)
+    return Ceilings(preset, threads, round(gflops, 1), round(gbs, 2), _cpu_name(),
+                    datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    gemm=f"fp32 {batch}x {n}^3 GEMMs, schedules/ matmul rule",
+                    stream=f"b=2a, 2x{stream * 4 >> 20} MiB")
+
+
+def _build(func, target):
+    import tvm
+
+    from schedules import default_rules, first_match
+
+    with target:
+        _, sch = first_match(func, target, default_rules(target), kernel="ceiling")
+    return tvm.tirx.build(sch.mod, target=target)
+
+
+def _best_seconds(lib, args, repeat: int = 7) -> float:
+    """Best of `repeat`: on a shared machine the fastest run is the one nothing else disturbed."""
+    import tvm
+
+    timer = lib.time_evaluator("main", tvm.cpu(), number=1, repeat=repeat, min_repeat_ms=100)
+    return float(min(timer(*args).results))
+
+
+def _gemm_gflops(target, batch: int, n: int) -> float:
+    """Batched n x n x n GEMMs: panels that stay in L2, so the FMA units are the limit (a single
+    1024^3 GEMM streams its B panels from L3 and measured ~7% lower here)."""
+    import tvm
+    from tvm import te
+
+    a = te.placeholder((batch, n, n), "float32", "A")
+    b = te.placeholder((batch, n, n), "float32", "B")
+    k = te.reduce_axis((0, n), "k")
+    c = te.compute((batch, n, n), lambda z, i, j: te.sum(a[z, i, k] * b[z, k, j], axis=k), name="C")
+    lib = _build(te.create_prim_func([a, b, c]), target)
+    rng = np.random.default_rng(0)
+    args = [tvm.runtime.tensor(rng.standard_normal((batch, n, n), dtype=np.float32))
+            for _ in range(2)]
+    args.append(tvm.runtime.empty((batch, n, n), "float32", tvm.cpu()))
+    return 2 * batch * n ** 3 / _best_seconds(lib, args) / 1e9
+
+
+def _stream_gbs(target, floats: int) -> float:
+    import tvm
+    from tvm import te
+
+    a = te.placeholder((floats,), "float32", "a")
+    b = te.compute((floats,), lambda i: a[i] * tvm.tirx.const(2.0, "float32"), name="b")
+    lib = _build(te.create_prim_func([a, b]), target)
+    args = [tvm.runtime.tensor(np.ones(floats, dtype=np.float32)),
+            tvm.runtime.empty((floats,), "float32", tvm.cpu())]
+    return 2 * floats * 4 / _best_seconds(lib, args) / 1e9
+
+
+@dataclass
+class KernelCost:
+    flops: float       # per call
+    bytes: int         # per call: argument sizes
+
+
+def kernel_costs(mod) -> dict[str, KernelCost]:
+    """FLOPs and bytes of every PrimFunc in `mod` (the module that is compiled)."""
+    import tvm
+    from tvm.s_tir.analysis import estimate_tir_flops
+
+    out = {}
+    for gv, func in mod.functions_items():
+        if not isinstance(func, tvm.tirx.PrimFunc):
+            continue
+        try:
+            flops = float(estimate_tir_flops(tvm.IRModule({"main": func})))
+        except Exception:  # noqa: BLE001  (data-dependent loops: no estimate, the row says 0)
+            flops = 0.0
+        nbytes = sum(int(np.prod([int(d) for d in p.shape])) * tvm.DataType(p.dtype).bits // 8
+                     for p in func.params if hasattr(p, "shape"))
+        out[gv.name_hint] = KernelCost(flops, nbytes)
+    return out
+
+
+@dataclass
+class RooflinePoint:
+    kernel: str
+    calls: int
+    ms: float                 # per inference, all calls
+    share: float              # of the kernels' total time
+    gflop: float              # per inference
+    mbytes: float             # per inference
+    intensity: float          # flop / byte
+    achieved_gflops: float
+    attainable_gflops: float
+    fraction: float           # achieved / attainable
+    bound: str                # "compute" or "memory"
+
+
+def roofline_points(profile, costs: dict[str, KernelCost], ceilings: Ceilings) -> list[RooflinePoint]:
+    kernels = [k for k in profile.kernels if not k.is_runtime and k.name in costs]
+    total = sum(k.ms for k in kernels) or 1.0
+    points = []
+    for k in kernels:
+        cost = costs[k.name]
+        flop, nbytes = cost.flops * k.calls, cost.bytes * k.calls
+        intensity = flop / nbytes if nbytes else 0.0
+        achieved = flop / (k.ms * 1e6) if k.ms > 0 else 0.0
+        attainable = ceilings.attainable(intensity)
+        points.append(RooflinePoint(
+            k.name, k.calls, round(k.ms, 4), round(k.ms / total, 4), round(flop / 1e9, 4),
+            round(nbytes / 1e6, 3), round(intensity, 3), round(achieved, 2), round(attainable, 2),
+            round(achieved / attainable, 4) if attainable else 0.0,
+            "compute" if intensity >= ceilings.ridge else "memory"))
+    return points
+
+
+def weighted_fraction(points: list[RooflinePoint]) -> float:
+    """Time-weighted mean fraction of the roofline: one number per model."""
+    return float(sum(p.fraction * p.share for p in points))
+
+
+def write_roofline(points: list[RooflinePoint], ceilings: Ceilings, out_dir: Path,
+                   title: str = "") -> dict[str, Path]:
+    """roofline.png, roofline.csv, roofline.html and ceilings.json in `out_dir`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"csv": out_dir / "roofline.csv", "html": out_dir / "roofline.html",
+             "png": out_dir / "roofline.png", "ceilings": out_dir / "ceilings.json"}
+    rows = [asdict(p) for p in points]
+    with paths["csv"].open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["kernel"])
+        writer.writeheader()
+        writer.writerows(rows)
+    paths["ceilings"].write_text(json.dumps(asdict(ceilings), indent=2))
+    paths["html"].write_text(_html(points, ceilings, title))
+    _plot(points, ceilings, paths["png"], title)
+    return paths
+
+
+def _html(points, ceilings: Ceilings, title: str) -> str:
+    import html
+
+    head = ("kernel", "calls", "ms", "share", "GFLOP", "MB", "flop/B", "GFLOP/s", "roof GFLOP/s",
+            "fraction", "bound")
+    cells = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in (
+            p.kernel, p.calls, p.ms, f"{p.share:.1%}", p.gflop, p.mbytes, p.intensity,
+            p.achieved_gflops, p.attainable_gflops, f"{p.fraction:.1%}", p.bound)) + "</tr>"
+        for p in points)
+    return (f"<!doctype html><meta charset='utf-8'><title>roofline {html.escape(title)}</title>"
+            f"<h1>Roofline {html.escape(title)}</h1><p>{html.escape(ceilings.cpu)}, "
+            f"{ceilings.threads} threads: peak {ceilings.peak_gflops} GFLOP/s, bandwidth "
+            f"{ceilings.bandwidth_gbs} GB/s, ridge {ceilings.ridge:.1f} flop/B; time-weighted "
+            f"fraction {weighted_fraction(points):.1%}</p><table border=1 cellpadding=3><tr>"
+            + "".join(f"<th>{h}</th>" for h in head) + f"</tr>{cells}</table>")
+
+
+def _plot(points, ceilings: Ceilings, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    xs = [p.intensity for p in points if p.intensity > 0 and p.achieved_gflops > 0]
+    lo = min([0.05, *xs]) / 2
+    hi = max([ceilings.ridge * 20, *xs]) * 2
+    grid = np.geomspace(lo, hi, 200)
+    ax.plot(grid, [ceilings.attainable(x) for x in grid], color="black", lw=1.5,
+            label=f"roof: {ceilings.bandwidth_gbs:g} GB/s, {ceilings.peak_gflops:g} GFLOP/s")
+    ax.axvline(ceilings.ridge, color="grey", ls=":", lw=1)
+    ax.annotate(f"ridge {ceilings.ridge:.1f} flop/B", (ceilings.ridge, ceilings.peak_gflops),
+                textcoords="offset points", xytext=(4, -14), fontsize=8, color="grey")
+    shown = [p for p in points if p.intensity > 0 and p.achieved_gflops > 0]
+    sizes = [30 + 1200 * p.share for p in shown]
+    colors = ["tab:blue" if p.bound == "compute" else "tab:orange" for p in shown]
+    ax.scatter([p.intensity for p in shown], [p.achieved_gflops for p in shown], s=sizes, c=colors,
+               alpha=0.6, edgecolors="black", linewidths=0.5)
+    for p in sorted(shown, key=lambda p: -p.share)[:5]:
+        ax.annotate(p.kernel[:28], (p.intensity, p.achieved_gflops), fontsize=7,
+                    textcoords="offset points", xytext=(5, 3))
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("arithmetic intensity (flop / byte)")
+    ax.set_ylabel("GFLOP/s")
+    ax.set_title(f"Roofline {title} (dot area: share of latency; orange: memory-bound)", fontsize=10)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(True, which="both", alpha=0.2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+
+def read_roofline(folder: Path) -> tuple[list[RooflinePoint], Ceilings]:
+    """The table and ceilings that `write_roofline` left in `folder`."""
+    ceilings = Ceilings(**json.loads((folder / "ceilings.json").read_text()))
+    fields = RooflinePoint.__dataclass_fields__
+    points = []
+    with (folder / "roofline.csv").open() as f:
+        for row in csv.DictReader(f):
+            points.append(RooflinePoint(**{k: v if fields[k].type == "str" else _number(v)
+                                           for k, v in row.items()}))
+    return points, ceilings
+
+
+def _number(text: str):
+    return int(text) if text.lstrip("-").isdigit() else float(text)
+
+
+def find_roofline(ref: str, tracking_uri: str) -> Path:
+    """The roofline folder of a run: `ref` is a run folder, an exported artifact (its manifest
+    names the MLflow run) or an MLflow run id (the folder is downloaded from the run's artifacts)."""
+    from pipeline.errors import UserError
+
+    path = Path(ref)
+    if path.is_dir():
+        if (path / "roofline" / "roofline.csv").exists():
+            return path / "roofline"
+        if (path / "roofline.csv").exists():
+            return path
+        manifest = path / "manifest.json"
+        if not manifest.exists():
+            raise UserError(f"{ref} holds no roofline (not a run folder, roofline folder or artifact)")
+        ref = json.loads(manifest.read_text()).get("mlflow_run_id") or ""
+        if not ref:
+            raise UserError(f"{manifest} names no MLflow run")
+    import tempfile
+
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    try:
+        client.get_run(ref)
+        folder = client.download_artifacts(ref, "run/roofline", tempfile.mkdtemp(prefix="roofline-"))
+    except MlflowException as exc:
+        raise UserError(f"no roofline for run {ref!r} in {tracking_uri}: "
+                        f"{str(exc).splitlines()[0]}") from None
+    if not (Path(folder) / "roofline.csv").exists():
+        raise UserError(f"run {ref} has no roofline (it ran with --no-roofline or failed earlier)")
+    return Path(folder)
