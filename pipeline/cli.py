@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from rich.table import Column, Table
 
 from pipeline.errors import PipelineError
 
@@ -341,7 +341,8 @@ def _roofline(ref, calibrate, target, tracking_uri, ceilings_dir, top) -> None:
     out.print(f"ceilings: {c.peak_gflops:g} GFLOP/s, {c.bandwidth_gbs:g} GB/s, ridge {c.ridge:.1f} "
               f"flop/B ({c.cpu}, {c.threads} threads); kernels at {weighted_fraction(points):.0%} "
               "of attainable, time-weighted")
-    table = Table("kernel", "calls", "ms", "share", "flop/B", "GFLOP/s", "roof", "fraction", "bound")
+    table = Table(Column("kernel", overflow="fold"), "calls", "ms", "share", "flop/B", "GFLOP/s",
+                  "roof", "fraction", "bound")
     for p in sorted(points, key=lambda p: -p.share)[:top]:
         table.add_row(p.kernel, str(p.calls), f"{p.ms:.3f}", f"{p.share:.1%}", f"{p.intensity:.1f}",
                       f"{p.achieved_gflops:.0f}", f"{p.attainable_gflops:.0f}",
