@@ -135,6 +135,7 @@ def run(
     profile_runs: Annotated[int, typer.Option(help="Inferences the per-kernel profile averages.")] = 10,
     ceilings_dir: Annotated[Path | None, typer.Option(help="Cache of measured machine ceilings (default ~/.cache/tvm-autotune/ceilings).")] = None,
     register: Annotated[bool, typer.Option(help="Register the verified artifact as an MLflow model version.")] = True,
+    export_fastest: Annotated[bool, typer.Option("--export-fastest/--export-tuned", help="Export the default-scheduled build when it measured over 3 percent faster than the tuned one (needs the untuned measurement).")] = True,
     show_passes: Annotated[bool, typer.Option(help="Print the graph-pass list first.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="End stdout with one JSON summary line.")] = False,
 ) -> None:
@@ -145,7 +146,7 @@ def run(
 def _run(model, target, budget, trials, trials_per_task, time_budget, tuning_logs, out_dir, runs_dir,
          tracking_uri, experiment, skip_untuned, tolerance, repeats, measure_seconds, model_option,
          input_shape, seed, winograd, roofline, profile_runs, ceilings_dir, register,
-         show_passes, as_json) -> None:
+         export_fastest, show_passes, as_json) -> None:
     from pipeline.config import RunConfig, parse_model_options, parse_shape_overrides, resolve_budget
     from pipeline.measure import MeasureSettings
     from pipeline.run import run_pipeline
@@ -158,7 +159,7 @@ def _run(model, target, budget, trials, trials_per_task, time_budget, tuning_log
         experiment=experiment, skip_untuned=skip_untuned, tolerance=tolerance,
         measure=MeasureSettings(repeats=repeats, max_seconds=measure_seconds), seed=seed,
         winograd=winograd, roofline=roofline, profile_runs=profile_runs, ceilings_dir=ceilings_dir,
-        register=register)
+        register=register, export_fastest=export_fastest)
     err.print(budget_line)
     if show_passes:
         _print_passes(target, winograd)
@@ -180,6 +181,7 @@ def _run(model, target, budget, trials, trials_per_task, time_budget, tuning_log
             "kernels_scheduled": result.scheduled_kernels, "verification": result.verification,
             "stage_seconds": result.stage_seconds, "tune_curve": result.tune_curve,
             "roofline": result.roofline, "registered": result.registered,
+            "exported": result.exported,
             "run_dir": result.run_dir}))
 
 
@@ -214,6 +216,9 @@ def _print_result(r) -> None:
                   f"ceilings {roof['peak_gflops']:g} GFLOP/s, {roof['bandwidth_gbs']:g} GB/s; "
                   f"plot {roof['dir']}/roofline.png")
     out.print(f"artifact: {r.artifact}" + (f" | model version {r.registered}" if r.registered else ""))
+    if r.exported != "tuned":
+        out.print("[yellow]exported the default-scheduled build[/]: it ran faster than the tuned one "
+                  "in this run (--export-tuned to override)")
     out.print(f"mlflow run: {r.mlflow_run_id} | run folder: {r.run_dir}")
 
 

@@ -33,6 +33,7 @@ class RunConfig:
     profile_runs: int = 10                                # inferences the kernel profile averages
     ceilings_dir: Path | None = None                      # None: ~/.cache/tvm-autotune/ceilings
     register: bool = True                                 # artifact -> MLflow model version
+    export_fastest: bool = True      # ship the default-scheduled build when it measured faster
 
 
 @dataclass(frozen=True)

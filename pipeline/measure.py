@@ -76,3 +76,12 @@ def measure_interleaved(runners: dict[str, Callable[[], object]],
                 samples[name].append(dt * 1e3)
                 spent[name] += dt
     return {name: Latency(s) for name, s in samples.items()}
+
+
+def faster_build(stats: dict[str, Latency], margin: float = 0.03) -> str:
+    """"untuned" when the default-scheduled build beat the tuned one by more than `margin` in this
+    run, else "tuned". Tuning measures each kernel hot and alone; a record that wins there can lose
+    inside the model (cold operands), so the run ships whichever build the model itself ran faster."""
+    if "untuned" not in stats:
+        return "tuned"
+    return "untuned" if stats["untuned"].median < stats["tuned"].median * (1 - margin) else "tuned"

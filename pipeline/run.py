@@ -48,6 +48,7 @@ class RunResult:
     tune_curve: list[dict] = field(default_factory=list)   # estimated model latency while tuning
     roofline: dict = field(default_factory=dict)           # ceilings, weighted fraction, top kernels
     registered: str = ""                                   # "<registered model>/<version>"
+    exported: str = "tuned"          # the build exported: "tuned", or "untuned" when it ran faster
 
     def summary(self) -> dict:
         return asdict(self)
@@ -150,7 +151,7 @@ def _run_stages(config, resolved, loaded, result: RunResult, recorder, run_dir: 
     from pipeline.build import build
     from pipeline.export import export_artifact, versions
     from pipeline.importer import import_model
-    from pipeline.measure import measure_interleaved
+    from pipeline.measure import faster_build, measure_interleaved
     from pipeline.passes import apply_passes, describe_passes, preset_passes
     from pipeline.runtime import CompiledModel
     from pipeline.tuning import SearchSettings, tune
@@ -200,7 +201,7 @@ def _run_stages(config, resolved, loaded, result: RunResult, recorder, run_dir: 
         built = build(mod, target, db_dir, post_passes)
         result.scheduled_kernels = f"{built.scheduled_tasks}/{built.total_tasks}"
         compiled = CompiledModel(built.executable, list(built.params.values()))
-        untuned = None
+        untuned, plain = None, None
         if not config.skip_untuned:
             plain = build(mod, target, None, post_passes)
             untuned = CompiledModel(plain.executable, list(plain.params.values()))
@@ -237,6 +238,15 @@ def _run_stages(config, resolved, loaded, result: RunResult, recorder, run_dir: 
         recorder.metrics({**{f"latency_{k}_{s}": v[f"{s}_ms"] for k, v in result.latency.items()
                              for s in ("median", "p90", "p99")},
                           **{f"speedup_{k}": v for k, v in result.speedups.items()}})
+        if faster_build(stats) == "untuned" and config.export_fastest:
+            plain_check = verify(model, untuned, session, config.tolerance, config.verify_samples,
+                                 config.seed)
+            if plain_check.passed:
+                compiled, built, check = untuned, plain, plain_check
+                result.exported = "untuned"
+                log.info("exporting the default-scheduled build: %.3f ms against %.3f ms tuned",
+                         stats["untuned"].median, stats["tuned"].median)
+        recorder.tags({"exported_build": result.exported})
 
     if config.roofline:
         with _stage(result, "roofline", progress, "per-kernel times against the roofline",
@@ -253,6 +263,7 @@ def _run_stages(config, resolved, loaded, result: RunResult, recorder, run_dir: 
                     "inputs": [s.as_dict() for s in model.inputs],
                     "outputs": [s.as_dict() for s in model.outputs],
                     "latency_ms": result.latency, "verification": check.as_dict(),
+                    "build": result.exported,
                     "tuning": {"tasks": result.tasks, "trials_new": report.trials_new,
                                "trials_reused": report.trials_reused, "database": str(db_dir)},
                     "mlflow_run_id": result.mlflow_run_id}
@@ -266,7 +277,7 @@ def _run_stages(config, resolved, loaded, result: RunResult, recorder, run_dir: 
             from pipeline.registry import register_artifact
 
             reg = register_artifact(recorder.client, recorder.run_id, folder, result.model,
-                                    resolved.preset, "fp32", result.latency_ms["tuned"],
+                                    resolved.preset, "fp32", result.latency_ms[result.exported],
                                     check.passed)
             result.registered = f"{reg.name}/{reg.version}"
             recorder.tags({"registered_model": reg.name, "model_version": reg.version})

@@ -32,6 +32,11 @@ def test_run_reports_json_and_exports_a_verified_artifact(tiny_run):
     assert set(summary["latency_ms"]) == {"tuned", "onnxruntime", "openvino", "untuned"}
     manifest = json.loads((cwd / summary["artifact"] / "manifest.json").read_text())
     assert manifest["target"]["kind"] == "llvm" and len(manifest["model_sha256"]) == 64
+    # the faster of the tuned and default-scheduled builds is shipped, and the manifest says which
+    assert summary["exported"] in ("tuned", "untuned") and manifest["build"] == summary["exported"]
+    lat = summary["latency_ms"]
+    if summary["exported"] == "untuned":
+        assert lat["untuned"] < lat["tuned"]
     assert {"model.so", "params.bin", "verify.npz"} <= set(manifest["files"])
     assert manifest["latency_ms"]["tuned"]["median_ms"] > 0
     assert "tuned" in run.stdout and "onnxruntime" in run.stdout  # the human table

@@ -24,3 +24,13 @@ def test_slow_runner_stops_at_its_time_cap_but_keeps_minimum():
 def test_percentiles():
     lat = Latency([float(i) for i in range(1, 101)])
     assert lat.median == 50.5 and lat.p90 > 89 and lat.p99 > 98
+
+
+def test_the_faster_build_is_exported_only_past_the_margin():
+    from pipeline.measure import Latency, faster_build
+
+    tuned = Latency([10.0, 10.0, 10.0])
+    assert faster_build({"tuned": tuned}) == "tuned"                                # nothing to compare
+    assert faster_build({"tuned": tuned, "untuned": Latency([9.9] * 3)}) == "tuned"  # within 3%: noise
+    assert faster_build({"tuned": tuned, "untuned": Latency([9.0] * 3)}) == "untuned"
+    assert faster_build({"tuned": tuned, "untuned": Latency([12.0] * 3)}) == "tuned"

@@ -25,3 +25,28 @@ def test_run_pipeline_reports_progress_and_prints_nothing(tmp_path, capfd):
     assert sorted(result.stage_seconds) == sorted(stages)
     assert 0 < result.roofline["fraction"] <= 1.5 and result.roofline["top"]
     assert (tmp_path / "runs" / result.run_dir.split("/")[-1] / "roofline" / "roofline.png").exists()
+
+
+def test_the_default_build_is_exported_when_it_ran_faster(tmp_path, monkeypatch):
+    """Forced here (the real decision compares two measured medians): the default-scheduled build
+    is verified on its own, exported, and its latency goes to the registry."""
+    import json
+
+    from pipeline import measure
+
+    monkeypatch.setattr(measure, "faster_build", lambda stats, margin=0.03: "untuned")
+    config = RunConfig(model=str(mlp_onnx(tmp_path / "mlp.onnx")), budget=TuneBudget(trials=0),
+                       tuning_logs=tmp_path / "logs", out=tmp_path / "out", runs_dir=tmp_path / "runs",
+                       tracking_uri=f"sqlite:///{tmp_path / 'm.db'}", roofline=False,
+                       measure=MeasureSettings(warmup=1, repeats=3))
+    result = run_pipeline(config)
+    assert result.exported == "untuned" and result.verified
+    manifest = json.loads((tmp_path / "out" / result.artifact.split("/")[-1] / "manifest.json").read_text())
+    assert manifest["build"] == "untuned"
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=config.tracking_uri)
+    name, version = result.registered.split("/")
+    tags = client.get_model_version(name, version).tags
+    assert float(tags["latency_ms"]) == result.latency_ms["untuned"]
+    assert client.get_run(result.mlflow_run_id).data.tags["exported_build"] == "untuned"
