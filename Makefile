@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	touch $(STAMP)
 
-# The main job: ResNet-50 on this machine with the default budget.
+# The main job: ResNet-50 on this machine with the quick budget (the CLI default).
 run: setup
 	$(VENV)/bin/tune run --model resnet50 --target auto
 
