@@ -331,7 +331,7 @@ def _roofline(ref, calibrate, target, tracking_uri, ceilings_dir, top) -> None:
 
         tvm_compat.apply()
         resolved = resolve_target(target)
-        threads = use_threads(int(resolved.target_dict.get("num-cores", 1)))
+        threads = use_threads(resolved.cores)
         c = machine_ceilings(resolved.preset, resolved.tvm_target(), threads, ceilings_dir,
                              recalibrate=True)
         out.print(f"{c.cpu}, {c.threads} threads ({c.preset}): peak {c.peak_gflops:g} GFLOP/s "

@@ -74,13 +74,13 @@ def register_artifact(client, run_id: str, folder: Path, model: str, preset: str
         local = Path(tmp) / "model"
         mlflow.pyfunc.save_model(str(local), python_model=TVMArtifactModel(),
                                  artifacts={"artifact": str(folder)},
-                                 code_paths=None, pip_requirements=["apache-tvm==0.27.*"])
+                                 pip_requirements=["apache-tvm==0.27.*"])
         client.log_artifacts(run_id, str(local), "model")
     try:
         client.create_registered_model(name, tags={"model": model, "preset": preset},
                                        description=f"{model} compiled by TVM for {preset}")
     except MlflowException as exc:
-        if "already exists" not in str(exc).lower() and "RESOURCE_ALREADY_EXISTS" not in str(exc):
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
     source = f"{client.get_run(run_id).info.artifact_uri}/model"
     version = client.create_model_version(

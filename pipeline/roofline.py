@@ -46,12 +46,9 @@ class Ceilings:
 
 
 def _cpu_name() -> str:
-    try:
-        import cpuinfo
+    from pipeline.targets import detect_host
 
-        return cpuinfo.get_cpu_info().get("brand_raw") or platform.processor()
-    except Exception:  # noqa: BLE001  (py-cpuinfo parses /proc; any failure just loses the name)
-        return platform.processor() or platform.machine()
+    return detect_host().cpu_name
 
 
 def default_cache_dir() -> Path:
@@ -249,6 +246,15 @@ def _plot(points, ceilings: Ceilings, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5.5))
+    plot_roofline(points, ceilings, ax, title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_roofline(points: list[RooflinePoint], ceilings: Ceilings, ax, title: str = "") -> None:
+    """The roof (log-log, ridge marked) and one dot per kernel on a matplotlib Axes, dot area
+    proportional to the kernel's share of the time, the five heaviest labelled."""
     xs = [p.intensity for p in points if p.intensity > 0 and p.achieved_gflops > 0]
     lo = min([0.05, *xs]) / 2
     hi = max([ceilings.ridge * 20, *xs]) * 2
@@ -273,10 +279,6 @@ def _plot(points, ceilings: Ceilings, path: Path, title: str) -> None:
     ax.set_title(f"Roofline {title} (dot area: share of latency; orange: memory-bound)", fontsize=10)
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(True, which="both", alpha=0.2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
 
 
 def read_roofline(folder: Path) -> tuple[list[RooflinePoint], Ceilings]:

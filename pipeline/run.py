@@ -94,7 +94,7 @@ def run_pipeline(config: RunConfig, progress: ProgressCallback = no_progress,
 
     tvm_compat.apply()
     resolved, loaded = prepare(config)
-    threads = use_threads(int(resolved.target_dict.get("num-cores", 1)))
+    threads = use_threads(resolved.cores)
     name = loaded[0]
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     run_dir = config.runs_dir / f"{name}-{resolved.preset}-{stamp}"

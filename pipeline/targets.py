@@ -67,6 +67,11 @@ class ResolvedTarget:
     def kind(self) -> str:
         return self.target_dict["kind"]
 
+    @property
+    def cores(self) -> int:
+        """The threads the target was resolved for (`num-cores`; 1 for non-CPU targets)."""
+        return int(self.target_dict.get("num-cores", 1))
+
     def tvm_target(self):
         import tvm
 

@@ -99,8 +99,6 @@ def test_relu6_follows_the_layout_and_fuses_into_the_conv(tmp_path):
 
 
 def test_winograd_matrices_compute_a_3x3_convolution():
-    from pipeline.passes.winograd import winograd_reference
-
     rng = np.random.default_rng(0)
     for m, hw in ((2, 6), (4, 8)):
         x = rng.standard_normal((2, hw, hw, 5)).astype(np.float32)
@@ -109,7 +107,7 @@ def test_winograd_matrices_compute_a_3x3_convolution():
         direct = sum(np.einsum("nhwc,kc->nhwk", padded[:, i:i + hw, j:j + hw], w[:, i, j])
                      for i in range(3) for j in range(3))
         # U is float32 (what the kernels get): ~1e-6 of the output scale
-        np.testing.assert_allclose(winograd_reference(x, w, m), direct, rtol=0,
+        np.testing.assert_allclose(_winograd_reference(x, w, m), direct, rtol=0,
                                    atol=1e-5 * np.abs(direct).max())
 
 
@@ -149,3 +147,22 @@ def test_winograd_pass_rewrites_only_eligible_convs(tmp_path):
     # conv -> ReLU -> conv: the second input transform stays its own kernel (fused behind the first
     # output transform it would recompute it per tile)
     assert not any("winograd_input" in k and "winograd_output" in k for k in kernels(on))
+
+
+def _winograd_reference(x: np.ndarray, w: np.ndarray, m: int) -> np.ndarray:
+    """Numpy Winograd conv (NHWC, OHWI, pad 1): the same algebra as the TVM kernels."""
+    from schedules.cpu.winograd import WINOGRAD, transform_weight
+
+    mats = WINOGRAD[m]
+    a = mats.alpha
+    n, h, wd, c = x.shape
+    xp = np.pad(x.astype(np.float64), ((0, 0), (1, 1 + a), (1, 1 + a), (0, 0)))
+    u = transform_weight(w, m).astype(np.float64).reshape(a, a, c, -1)
+    y = np.zeros((n, h, wd, w.shape[0]))
+    for th in range(0, h, m):
+        for tw in range(0, wd, m):
+            d = xp[:, th:th + a, tw:tw + a, :]
+            v = np.einsum("ai,nijc,bj->nabc", mats.BT, d, mats.BT)
+            prod = np.einsum("nabc,abck->nabk", v, u)
+            y[:, th:th + m, tw:tw + m, :] = np.einsum("ra,nabk,sb->nrsk", mats.AT, prod, mats.AT)
+    return y

@@ -101,7 +101,6 @@ import ctypes, mmap, sys
 import numpy as np, tvm
 from tvm import te
 from pipeline import tvm_compat
-from pipeline.passes.winograd import winograd_reference
 from pipeline.targets import resolve_target
 from schedules.cpu.winograd import WINOGRAD, WinogradInputTransform, input_transform
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
@@ -102,21 +101,3 @@ def WinogradConv2D(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         log.info("winograd: %d convs (%s)", len(rewriter.rewritten), ", ".join(rewriter.rewritten))
     return mod
 
-
-def winograd_reference(x: np.ndarray, w: np.ndarray, m: int) -> np.ndarray:
-    """Numpy Winograd conv (NHWC, OHWI, pad 1) for tests: the same algebra as the TVM kernels."""
-    from schedules.cpu.winograd import WINOGRAD, transform_weight
-
-    mats = WINOGRAD[m]
-    a = mats.alpha
-    n, h, wd, c = x.shape
-    xp = np.pad(x.astype(np.float64), ((0, 0), (1, 1 + a), (1, 1 + a), (0, 0)))
-    u = transform_weight(w, m).astype(np.float64).reshape(a, a, c, -1)
-    y = np.zeros((n, h, wd, w.shape[0]))
-    for th in range(0, h, m):
-        for tw in range(0, wd, m):
-            d = xp[:, th:th + a, tw:tw + a, :]
-            v = np.einsum("ai,nijc,bj->nabc", mats.BT, d, mats.BT)
-            prod = np.einsum("nabc,abck->nabk", v, u)
-            y[:, th:th + m, tw:tw + m, :] = np.einsum("ra,nabk,sb->nrsk", mats.AT, prod, mats.AT)
-    return y
