@@ -243,7 +243,7 @@ def _run_stages(config, resolved, loaded, result: RunResult, recorder, run_dir: 
                                  config.seed)
             if plain_check.passed:
                 compiled, built, check = untuned, plain, plain_check
-                result.exported = "untuned"
+                result.exported, result.verification = "untuned", plain_check.as_dict()
                 log.info("exporting the default-scheduled build: %.3f ms against %.3f ms tuned",
                          stats["untuned"].median, stats["tuned"].median)
         recorder.tags({"exported_build": result.exported})

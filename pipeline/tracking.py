@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -99,30 +100,34 @@ def serve_ui(uri: str, port: int = 5000, timeout_s: float = 60.0) -> Iterator[st
     from pipeline.errors import UserError
 
     port = port or free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if proc.poll() is not None:
-                raise UserError(f"the MLflow UI exited: {(proc.stderr.read() or '').strip()[-300:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise UserError(f"the MLflow UI did not answer on {url} within {timeout_s:.0f} s")
-            time.sleep(0.5)
-        yield url
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    # The server's log goes to a file, not a pipe: nobody reads a pipe while the UI runs, and a
+    # full one would block the server once it had logged 64 kB of requests.
+    with tempfile.TemporaryFile() as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+                                 "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                                stdout=subprocess.DEVNULL, stderr=log_file, start_new_session=True)
+        try:
+            deadline = time.monotonic() + timeout_s
+            while True:
+                if proc.poll() is not None:
+                    log_file.seek(0)
+                    tail = log_file.read().decode(errors="replace").strip()[-300:]
+                    raise UserError(f"the MLflow UI exited: {tail}")
+                try:
+                    with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                        if r.status == 200:
+                            break
+                except OSError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise UserError(f"the MLflow UI did not answer on {url} within {timeout_s:.0f} s")
+                time.sleep(0.5)
+            yield url
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()

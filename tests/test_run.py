@@ -43,6 +43,7 @@ def test_the_default_build_is_exported_when_it_ran_faster(tmp_path, monkeypatch)
     assert result.exported == "untuned" and result.verified
     manifest = json.loads((tmp_path / "out" / result.artifact.split("/")[-1] / "manifest.json").read_text())
     assert manifest["build"] == "untuned"
+    assert manifest["verification"] == result.verification     # the check of the build exported
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=config.tracking_uri)
