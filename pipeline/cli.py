@@ -136,6 +136,15 @@ def run(
     ceilings_dir: Annotated[Path | None, typer.Option(help="Cache of measured machine ceilings (default ~/.cache/tvm-autotune/ceilings).")] = None,
     register: Annotated[bool, typer.Option(help="Register the verified artifact as an MLflow model version.")] = True,
     export_fastest: Annotated[bool, typer.Option("--export-fastest/--export-tuned", help="Export the default-scheduled build when it measured over 3 percent faster than the tuned one (needs the untuned measurement).")] = True,
+    quantize: Annotated[str, typer.Option(help="none or int8 (post-training static quantization).")] = "none",
+    calibration: Annotated[Path | None, typer.Option(help="int8 calibration inputs: .npy, .npz (by input name) or an image folder; default: seeded synthetic inputs (warned, tagged).")] = None,
+    calibration_method: Annotated[str, typer.Option(help="Activation range: minmax, percentile, entropy or mse.")] = "percentile",
+    calibration_samples: Annotated[int, typer.Option(help="Calibration batches used.")] = 16,
+    keep_fp32: Annotated[str | None, typer.Option(help="Layers kept in fp32, e.g. conv2d_0,matmul_0 (names in runs/<run>/quantization.json).")] = None,
+    max_accuracy_drop: Annotated[float, typer.Option(help="int8: fail the run when accuracy drops more than this many points.")] = 1.0,
+    accuracy_samples: Annotated[int, typer.Option(help="int8: seeded inputs the accuracy gate compares against fp32.")] = 50,
+    accuracy_data: Annotated[Path | None, typer.Option(help="int8: labelled real data for the gate, a .npz of the inputs by name plus 'labels'.")] = None,
+    fallback_rounds: Annotated[int, typer.Option(help="int8: rounds that move the most sensitive layers back to fp32 (1, 2, 4, ...) before the run fails.")] = 4,
     show_passes: Annotated[bool, typer.Option(help="Print the graph-pass list first.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="End stdout with one JSON summary line.")] = False,
 ) -> None:
@@ -146,7 +155,9 @@ def run(
 def _run(model, target, budget, trials, trials_per_task, time_budget, tuning_logs, out_dir, runs_dir,
          tracking_uri, experiment, skip_untuned, tolerance, repeats, measure_seconds, model_option,
          input_shape, seed, winograd, roofline, profile_runs, ceilings_dir, register,
-         export_fastest, show_passes, as_json) -> None:
+         export_fastest, quantize, calibration, calibration_method, calibration_samples, keep_fp32,
+         max_accuracy_drop, accuracy_samples, accuracy_data, fallback_rounds, show_passes,
+         as_json) -> None:
     from pipeline.config import RunConfig, parse_model_options, parse_shape_overrides, resolve_budget
     from pipeline.measure import MeasureSettings
     from pipeline.run import run_pipeline
@@ -159,7 +170,12 @@ def _run(model, target, budget, trials, trials_per_task, time_budget, tuning_log
         experiment=experiment, skip_untuned=skip_untuned, tolerance=tolerance,
         measure=MeasureSettings(repeats=repeats, max_seconds=measure_seconds), seed=seed,
         winograd=winograd, roofline=roofline, profile_runs=profile_runs, ceilings_dir=ceilings_dir,
-        register=register, export_fastest=export_fastest)
+        register=register, export_fastest=export_fastest, quantize=_quantize_mode(quantize),
+        calibration=calibration, calibration_method=calibration_method,
+        calibration_samples=calibration_samples,
+        keep_fp32=[n.strip() for n in (keep_fp32 or "").split(",") if n.strip()],
+        max_accuracy_drop=max_accuracy_drop, accuracy_samples=accuracy_samples,
+        accuracy_data=accuracy_data, fallback_rounds=fallback_rounds)
     err.print(budget_line)
     if show_passes:
         _print_passes(target, winograd)
@@ -181,8 +197,16 @@ def _run(model, target, budget, trials, trials_per_task, time_budget, tuning_log
             "kernels_scheduled": result.scheduled_kernels, "verification": result.verification,
             "stage_seconds": result.stage_seconds, "tune_curve": result.tune_curve,
             "roofline": result.roofline, "registered": result.registered,
-            "exported": result.exported,
+            "exported": result.exported, "quantization": result.quantization,
             "run_dir": result.run_dir}))
+
+
+def _quantize_mode(value: str) -> str:
+    from pipeline.errors import UserError
+
+    if value not in ("none", "int8"):
+        raise UserError(f"unknown --quantize {value!r}: use none or int8")
+    return value
 
 
 def _print_passes(target: str, winograd: bool | None) -> None:
@@ -201,8 +225,19 @@ def _print_result(r) -> None:
     out.print(f"tasks {r.tasks} | trials new {r.trials_new}, reused {r.trials_reused} "
               f"({r.tune_stop_reason}) | kernels scheduled {r.scheduled_kernels}")
     v = r.verification
-    out.print(f"verified against ONNX Runtime: max rel err {v['max_rel_err']:.2e}, "
-              f"cosine {v['min_cosine']:.6f} (tolerance {v['tolerance']:g})")
+    if v.get("accuracy"):
+        a, q = v["accuracy"], r.quantization
+        out.print(f"int8: {q['int8_layers']}/{q['layers']} layers ({q['int8_macs_fraction']:.0%} of MACs), "
+                  f"calibration {q['method']} on {q['calibration']}"
+                  + (" [yellow](synthetic: pass --calibration)[/]" if q["synthetic"] else ""))
+        out.print(f"accuracy vs fp32 ({a['kind']}, {a['samples']} samples): drop "
+                  f"{a['drop_points']:.2f} points (bound {a['max_drop_points']:g})"
+                  + (f", top-1 agreement {a['top1_agreement']:.1%}" if a.get("top1_agreement") is not None
+                     else "") + (f", min cosine {a['min_cosine']:.4f}" if a.get("min_cosine") is not None
+                                 else ""))
+    else:
+        out.print(f"verified against ONNX Runtime: max rel err {v['max_rel_err']:.2e}, "
+                  f"cosine {v['min_cosine']:.6f} (tolerance {v['tolerance']:g})")
     table = Table("runner", "median ms", "p90 ms", "p99 ms", "samples", "tuned speedup")
     for name, stats in r.latency.items():
         speed = r.speedups.get(f"tuned_vs_{name}")

@@ -34,6 +34,15 @@ class RunConfig:
     ceilings_dir: Path | None = None                      # None: ~/.cache/tvm-autotune/ceilings
     register: bool = True                                 # artifact -> MLflow model version
     export_fastest: bool = True      # ship the default-scheduled build when it measured faster
+    quantize: str = "none"                                # "none" or "int8"
+    calibration: Path | None = None                       # .npy/.npz/image folder; None: synthetic
+    calibration_method: str = "percentile"                # minmax | percentile | entropy | mse
+    calibration_samples: int = 16
+    keep_fp32: list[str] = field(default_factory=list)    # quantizable layer names kept in fp32
+    max_accuracy_drop: float = 1.0                        # points; the run fails above it
+    accuracy_samples: int = 50                            # seeded inputs the int8 gate compares on
+    accuracy_data: Path | None = None                     # labelled .npz (inputs + labels) instead
+    fallback_rounds: int = 4                              # int8 layers -> fp32 rounds before failing
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,7 @@ class RunResult:
     roofline: dict = field(default_factory=dict)           # ceilings, weighted fraction, top kernels
     registered: str = ""                                   # "<registered model>/<version>"
     exported: str = "tuned"          # the build exported: "tuned", or "untuned" when it ran faster
+    quantization: dict = field(default_factory=dict)       # int8 runs: calibration, layers, rounds
 
     def summary(self) -> dict:
         return asdict(self)
@@ -68,10 +69,28 @@ def prepare(config: RunConfig):
         raise UserError("--tolerance must be positive")
     if config.profile_runs < 1:
         raise UserError("--profile-runs must be >= 1")
+    if config.quantize != "none":
+        _check_quantize_flags(config)
     resolved = resolve_target(config.target)
     check_writable(config.out)
     check_writable(config.tuning_logs)
     return resolved, load_onnx(config.model, config.model_options)
+
+
+def _check_quantize_flags(config: RunConfig) -> None:
+    from pipeline.calibrate import CALIBRATION_METHODS
+
+    if config.calibration_method not in CALIBRATION_METHODS:
+        raise UserError(f"unknown --calibration-method {config.calibration_method!r}: use one of "
+                        f"{', '.join(CALIBRATION_METHODS)}")
+    for flag, path in (("--calibration", config.calibration), ("--accuracy-data", config.accuracy_data)):
+        if path is not None and not Path(path).exists():
+            raise UserError(f"{flag}: {path} not found")
+    if config.accuracy_samples < 1 or config.calibration_samples < 1 or config.fallback_rounds < 0:
+        raise UserError("--accuracy-samples and --calibration-samples must be >= 1, "
+                        "--fallback-rounds >= 0")
+    if not 0 <= config.max_accuracy_drop < 100:
+        raise UserError("--max-accuracy-drop must be in [0, 100) points")
 
 
 @contextmanager
@@ -103,7 +122,8 @@ def run_pipeline(config: RunConfig, progress: ProgressCallback = no_progress,
                        target_reason=resolved.reason, run_dir=str(run_dir))
     recorder = RunRecorder(tracking_uri(config.tracking_uri), config.experiment or name,
                            run_name=f"{name}-{resolved.preset}-{stamp}",
-                           tags={"model": name, "preset": resolved.preset, "variant": "fp32"})
+                           tags={"model": name, "preset": resolved.preset,
+                                 "variant": "fp32" if config.quantize == "none" else config.quantize})
     result.mlflow_run_id = recorder.run_id
     recorder.params({"tvm_threads": threads})
     file_log, root_level = _attach_run_log(run_dir)
@@ -152,7 +172,7 @@ def _run_stages(config, resolved, loaded, result: RunResult, recorder, run_dir: 
     from pipeline.export import export_artifact, versions
     from pipeline.importer import import_model
     from pipeline.measure import faster_build, measure_interleaved
-    from pipeline.passes import apply_passes, describe_passes, preset_passes
+    from pipeline.passes import QUANTIZE_AT, apply_passes, describe_passes, preset_passes, split_passes
     from pipeline.runtime import CompiledModel
     from pipeline.tuning import SearchSettings, tune
     from pipeline.verify import onnxruntime_session, seeded_inputs, verify
@@ -181,8 +201,19 @@ def _run_stages(config, resolved, loaded, result: RunResult, recorder, run_dir: 
         model = import_model(config.model, config.model_options, config.input_shapes, loaded)
         recorder.params({"model_sha256": model.sha256,
                          "inputs": json.dumps([s.as_dict() for s in model.inputs])})
+    session = onnxruntime_session(model, threads=threads)
+    early, late = split_passes(passes, QUANTIZE_AT)
     with _stage(result, "passes", progress, f"{len(passes)} graph passes", should_stop):
-        mod = apply_passes(model.mod, target, passes)
+        mod = apply_passes(model.mod, target, early)
+        if config.quantize == "none":
+            mod = apply_passes(mod, target, late)
+    gate = None
+    if config.quantize == "int8":
+        with _stage(result, "quantize", progress, "calibrating and quantizing to int8", should_stop):
+            from pipeline.int8 import quantize_stage
+
+            mod, gate = quantize_stage(config, model, mod, target, late, post_passes, session,
+                                       recorder, run_dir, result)
     with _stage(result, "tune", progress, "tuning", should_stop):
         report = tune(mod, target, db_dir, run_dir / "metaschedule", config.budget, settings,
                       progress, should_stop)
@@ -206,16 +237,22 @@ def _run_stages(config, resolved, loaded, result: RunResult, recorder, run_dir: 
             plain = build(mod, target, None, post_passes)
             untuned = CompiledModel(plain.executable, list(plain.params.values()))
 
-    # The baselines get the threads TVM's pool really has (an explicit TVM_NUM_THREADS wins).
-    session = onnxruntime_session(model, threads=threads)
+    def check_build(candidate):
+        if gate is None:
+            return verify(model, candidate, session, config.tolerance, config.verify_samples,
+                          config.seed)
+        return gate.verify(candidate, recorder, result)
+
     with _stage(result, "verify", progress, "checking numerics against ONNX Runtime", should_stop):
-        check = verify(model, compiled, session, config.tolerance, config.verify_samples, config.seed)
+        check = check_build(compiled)
         result.verified, result.verification = check.passed, check.as_dict()
         recorder.metrics({"verify_max_abs_err": check.max_abs_err,
                           "verify_max_rel_err": check.max_rel_err,
                           "verify_min_cosine": check.min_cosine})
         recorder.tags({"verified": str(check.passed).lower()})
-        if not check.passed:
+        if gate is not None:
+            gate.enforce()                     # the accuracy bound, not the fp32 tolerance
+        elif not check.passed:
             raise VerificationError(
                 f"output mismatch against ONNX Runtime: max relative error {check.max_rel_err:.3g} "
                 f"> tolerance {config.tolerance:g} (max abs {check.max_abs_err:.3g}); not exported")
@@ -239,8 +276,7 @@ def _run_stages(config, resolved, loaded, result: RunResult, recorder, run_dir: 
                              for s in ("median", "p90", "p99")},
                           **{f"speedup_{k}": v for k, v in result.speedups.items()}})
         if faster_build(stats) == "untuned" and config.export_fastest:
-            plain_check = verify(model, untuned, session, config.tolerance, config.verify_samples,
-                                 config.seed)
+            plain_check = check_build(untuned)
             if plain_check.passed:
                 compiled, built, check = untuned, plain, plain_check
                 result.exported, result.verification = "untuned", plain_check.as_dict()
@@ -274,10 +310,11 @@ def _run_stages(config, resolved, loaded, result: RunResult, recorder, run_dir: 
         recorder.tags({"artifact": str(folder.resolve())})
         recorder.artifact(folder / "manifest.json", "artifact")
         if config.register:
+            variant = "int8" if gate is not None else "fp32"
             from pipeline.registry import register_artifact
 
             reg = register_artifact(recorder.client, recorder.run_id, folder, result.model,
-                                    resolved.preset, "fp32", result.latency_ms[result.exported],
+                                    resolved.preset, variant, result.latency_ms[result.exported],
                                     check.passed)
             result.registered = f"{reg.name}/{reg.version}"
             recorder.tags({"registered_model": reg.name, "model_version": reg.version})

@@ -22,11 +22,13 @@ class Verification:
     samples: int
     inputs: list[dict[str, np.ndarray]]
     outputs: list[list[np.ndarray]]  # what the compiled module produced, per sample
+    accuracy: dict | None = None     # int8 builds: the accuracy report that decided `passed`
 
     def as_dict(self) -> dict:
-        return {"passed": self.passed, "tolerance": self.tolerance, "max_abs_err": self.max_abs_err,
-                "max_rel_err": self.max_rel_err, "min_cosine": self.min_cosine,
-                "samples": self.samples}
+        out = {"passed": self.passed, "tolerance": self.tolerance, "max_abs_err": self.max_abs_err,
+               "max_rel_err": self.max_rel_err, "min_cosine": self.min_cosine,
+               "samples": self.samples}
+        return {**out, "accuracy": self.accuracy} if self.accuracy is not None else out
 
 
 def seeded_inputs(specs: list[TensorSpec], seed: int) -> dict[str, np.ndarray]:

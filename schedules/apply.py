@@ -52,7 +52,8 @@ def schedule_func(func: tirx.PrimFunc, target, rules: list, kernel: str = "?"):
     if found is None:
         return None
     rule, sch = found
-    if func.attrs and "layout_free_buffers" in func.attrs and target.kind.name == "llvm":
+    if func.attrs and "layout_free_buffers" in func.attrs and target.kind.name == "llvm" \
+            and not getattr(rule, "rewrites_layout", False):
         ms.postproc.RewriteLayout().apply(sch)
     return getattr(rule, "name", type(rule).__name__), sch
 

@@ -28,7 +28,9 @@ def rule_space(mod, target):
         if not rule.schedule(sch, target, tunable=True):
             raise ValueError(f"rule {rule.name} no longer matches")
 
-    postprocs = [ms.postproc.DisallowDynamicLoop(), ms.postproc.RewriteLayout()]
+    postprocs = [ms.postproc.DisallowDynamicLoop()]
+    if not getattr(rule, "rewrites_layout", False):
+        postprocs.append(ms.postproc.RewriteLayout())
     mutators = {ms.mutator.MutateTileSize(): 1.0}
     return rule.name, ms.space_generator.ScheduleFn(sch_fn, sch_rules=[], postprocs=postprocs,
                                                     mutator_probs=mutators)

@@ -108,6 +108,18 @@ def post_tuning_passes(prepack: bool = False) -> list[NamedPass]:
     ]
 
 
+QUANTIZE_AT = "WinogradConv2D"   # int8 rewrites run on the module just before this pass
+
+
+def split_passes(passes: list[NamedPass], before: str) -> tuple[list[NamedPass], list[NamedPass]]:
+    """(passes before the first one named `before...`, the rest): where a stage that is not a
+    pass (int8 calibration needs to run the model) goes in between."""
+    for i, p in enumerate(passes):
+        if p.name.startswith(before):
+            return passes[:i], passes[i:]
+    return passes, []
+
+
 def describe_passes(passes: list[NamedPass]) -> list[str]:
     return [f"{i + 1:2d}. {p.name}: {p.why}" for i, p in enumerate(passes)]
 

@@ -1,0 +1,236 @@
+"""Int8 rewrite of conv2d / matmul with constant weights (post-training static quantization).
+
+Each quantized site `y = conv2d(x, W) [+ b]` becomes
+
+    xq  = quantize(x, s_x, z_x)                      (uint8 or int8, per tensor)
+    acc = conv2d(xq, Wq, out_dtype=int32) + b_q       (Wq int8, symmetric per output channel)
+    y   = float(acc) * (s_x * s_w)                    (per output channel)
+
+with `b_q = round(b / (s_x * s_w)) - z_x * sum(Wq)`: the bias and the activation zero point fold into
+one int32 constant. For the zero-point term to be exact under padding, an input with z_x != 0 is
+padded explicitly with z_x (its real value 0) before a conv without padding. FuseOps then puts the
+dequantize, bias, ReLU, residual add and the next layer's quantize into the integer kernel's
+epilogue, so activations between quantized layers travel as 8-bit.
+
+Sites are named `conv2d_<i>` / `matmul_<i>` in graph order; `--keep-fp32` takes these names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from pipeline.calibrate import QuantParams, quantize_weight, weight_scales
+
+
+@dataclass
+class QuantSite:
+    name: str                     # conv2d_<i> / matmul_<i>, graph order
+    kind: str                     # "conv2d" or "matmul"
+    output: relax.Var             # the op's result var
+    data: relax.Var               # the activation operand
+    weight: np.ndarray            # OHWI (conv2d) or [K, N] (matmul), float32
+    bias_var: relax.Var | None = None   # the `add` that only adds a per-channel constant
+    bias: np.ndarray | None = None      # [channels]
+    macs: int = 0
+    attrs: dict = field(default_factory=dict)   # conv2d: strides, padding, dilation (ints)
+
+    @property
+    def channels_last_axis(self) -> int:
+        return 0 if self.kind == "conv2d" else 1
+
+
+@dataclass
+class QuantPlan:
+    activations: dict[str, QuantParams] = field(default_factory=dict)   # site name -> x's params
+    keep_fp32: dict[str, str] = field(default_factory=dict)             # site name -> why
+
+
+def _const(expr) -> np.ndarray | None:
+    if isinstance(expr, tvm.ir.expr.GenericConst):
+        return expr.value.numpy()
+    return None
+
+
+def _bindings(func: relax.Function):
+    for block in func.body.blocks:
+        yield from block.bindings
+
+
+def _uses(func: relax.Function) -> dict[relax.Var, int]:
+    counts: dict = {}
+
+    def visit(e):
+        if isinstance(e, relax.Var):
+            counts[e] = counts.get(e, 0) + 1
+        elif isinstance(e, relax.Tuple):
+            for f in e.fields:
+                visit(f)
+        elif isinstance(e, relax.Call):
+            for a in e.args:
+                visit(a)
+    for b in _bindings(func):
+        visit(b.value)
+    visit(func.body.body)
+    return counts
+
+
+def find_sites(func: relax.Function) -> list[QuantSite]:
+    """The float32 conv2d (NHWC/OHWI, groups 1) and matmul ([..., K] x const [K, N]) calls."""
+    conv_op, matmul_op, add_op = (tvm.ir.Op.get(n) for n in ("relax.nn.conv2d", "relax.matmul",
+                                                              "relax.add"))
+    sites: list[QuantSite] = []
+    by_output: dict = {}
+    uses = _uses(func)
+    counters = {"conv2d": 0, "matmul": 0}
+    for b in _bindings(func):
+        call = b.value
+        if not isinstance(call, relax.Call):
+            continue
+        if call.op.same_as(add_op) and isinstance(call.args[0], relax.Var) \
+                and call.args[0] in by_output and uses.get(call.args[0], 0) == 1:
+            site, bias = by_output[call.args[0]], _const(call.args[1])
+            channels = site.weight.shape[site.channels_last_axis]
+            if bias is not None and bias.size == channels and bias.shape[-1] == channels:
+                site.bias_var, site.bias = b.var, bias.reshape(-1).astype(np.float32)
+            continue
+        kind = "conv2d" if call.op.same_as(conv_op) else "matmul" if call.op.same_as(matmul_op) else None
+        if kind is None or not isinstance(call.args[0], relax.Var):
+            continue
+        weight = _const(call.args[1])
+        if weight is None or str(call.args[0].ty.dtype) != "float32" or weight.dtype != np.float32:
+            continue
+        if kind == "conv2d":
+            a = call.attrs
+            if (a.data_layout, a.kernel_layout, int(a.groups)) != ("NHWC", "OHWI", 1):
+                continue
+            out_shape = [int(d) for d in b.var.ty.shape]
+            macs = int(np.prod(out_shape)) * int(np.prod(weight.shape[1:]))
+            attrs = {k: [int(v) for v in getattr(a, k)] for k in ("strides", "padding", "dilation")}
+        else:
+            if weight.ndim != 2:
+                continue
+            out_shape = [int(d) for d in b.var.ty.shape]
+            macs = int(np.prod(out_shape)) * weight.shape[0]
+            attrs = {}
+        site = QuantSite(f"{kind}_{counters[kind]}", kind, b.var, call.args[0], weight, macs=macs,
+                         attrs=attrs)
+        counters[kind] += 1
+        sites.append(site)
+        by_output[b.var] = site
+    return sites
+
+
+def observer_module(mod: tvm.IRModule, sites: list[QuantSite]) -> tvm.IRModule:
+    """`main` also returns every site's activation input (after the original outputs), so one
+    run of the float model gives the calibration statistics."""
+    func = mod["main"]
+    block = func.body.blocks[-1]
+    if not isinstance(block, relax.DataflowBlock):
+        raise TypeError("main has no dataflow block to observe")
+    observed = list(dict.fromkeys(s.data for s in sites))
+    out = func.body.body
+    fields = list(out.fields) if isinstance(out, relax.Tuple) else [out]
+    bb = relax.BlockBuilder()
+    with bb.function("main", list(func.params), attrs=_attrs(func)):
+        with bb.dataflow():
+            remap = {}
+            for binding in _bindings(func):
+                remap[binding.var] = bb.emit(_substitute(binding.value, remap))
+            result = bb.emit_output(relax.Tuple([_substitute(f, remap) for f in fields]
+                                                + [remap.get(v, v) for v in observed]))
+        bb.emit_func_output(result)
+    new = mod.clone() if hasattr(mod, "clone") else tvm.IRModule(dict(mod.functions_items()))
+    new["main"] = bb.get()["main"]
+    return new
+
+
+def _substitute(expr, remap: dict):
+    if isinstance(expr, relax.Var):
+        return remap.get(expr, expr)
+    if isinstance(expr, relax.Tuple):
+        return relax.Tuple([_substitute(f, remap) for f in expr.fields])
+    if isinstance(expr, relax.TupleGetItem):
+        return relax.TupleGetItem(_substitute(expr.tuple_value, remap), expr.index)
+    if isinstance(expr, relax.Call):
+        return relax.Call(expr.op, [_substitute(a, remap) for a in expr.args], expr.attrs,
+                          expr.ty_args)
+    return expr
+
+
+def quantize_int8(mod: tvm.IRModule, sites: list[QuantSite], plan: QuantPlan) -> tvm.IRModule:
+    """Rewrite the sites that have activation parameters in `plan` (and are not kept in fp32)."""
+    func = mod["main"]
+    chosen = {s.output: s for s in sites if s.name in plan.activations and s.name not in plan.keep_fp32}
+    bias_of = {s.bias_var: s for s in chosen.values() if s.bias_var is not None}
+    bb = relax.BlockBuilder()
+    with bb.function("main", list(func.params), attrs=_attrs(func)):
+        remap: dict = {}
+        quantized: dict = {}          # (input var, params) -> quantized activation, shared by sites
+        for block in func.body.blocks:
+            with bb.dataflow() if isinstance(block, relax.DataflowBlock) else _no_block():
+                for binding in block.bindings:
+                    var = binding.var
+                    if var in chosen:
+                        site = chosen[var]
+                        value = _emit_site(bb, site, plan.activations[site.name],
+                                           remap.get(site.data, site.data), binding.value, quantized)
+                    elif var in bias_of:
+                        value = remap[bias_of[var].output]       # the bias is inside the int32 sum
+                    else:
+                        value = _substitute(binding.value, remap)
+                    is_output = not isinstance(var, relax.DataflowVar) and isinstance(
+                        block, relax.DataflowBlock)
+                    remap[var] = bb.emit_output(value) if is_output else bb.emit(value)
+        bb.emit_func_output(_substitute(func.body.body, remap))
+    new = tvm.IRModule(dict(mod.functions_items()))
+    new["main"] = bb.get()["main"]
+    return relax.transform.CanonicalizeBindings()(new)
+
+
+class _no_block:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _emit_site(bb: relax.BlockBuilder, site: QuantSite, act: QuantParams, data, call: relax.Call,
+               quantized: dict):
+    axis = site.channels_last_axis
+    w_scales = weight_scales(site.weight, axis)
+    wq = quantize_weight(site.weight, w_scales, axis)
+    key = (site.data, act.scale, act.zero_point, act.dtype)
+    if key not in quantized:
+        quantized[key] = bb.emit(relax.op.quantize(
+            data, relax.const(np.float32(act.scale)), relax.const(np.dtype(act.dtype).type(act.zero_point)),
+            axis=-1, out_dtype=act.dtype))
+    xq = quantized[key]
+    other_axes = tuple(i for i in range(wq.ndim) if i != axis)
+    w_sum = wq.astype(np.int64).sum(axis=other_axes)
+    combined = (np.float64(act.scale) * w_scales.astype(np.float64))
+    bias = site.bias.astype(np.float64) if site.bias is not None else np.zeros_like(combined)
+    bias_q = np.round(bias / combined) - act.zero_point * w_sum
+    if site.kind == "conv2d":
+        a = call.attrs
+        padding = [int(p) for p in a.padding]
+        if act.zero_point != 0 and any(padding):
+            top, left, bottom, right = padding
+            xq = bb.emit(relax.op.nn.pad(xq, [0, 0, top, bottom, left, right, 0, 0],
+                                         pad_value=float(act.zero_point)))
+            padding = [0, 0, 0, 0]
+        acc = bb.emit(relax.op.nn.conv2d(xq, relax.const(wq), strides=a.strides, padding=padding,
+                                         dilation=a.dilation, data_layout="NHWC", kernel_layout="OHWI",
+                                         out_dtype="int32"))
+    else:
+        acc = bb.emit(relax.op.matmul(xq, relax.const(wq), out_dtype="int32"))
+    acc = bb.emit(relax.op.add(acc, relax.const(bias_q.astype(np.int32))))
+    return relax.op.multiply(relax.op.astype(acc, "float32"), relax.const(combined.astype(np.float32)))
+
+
+def _attrs(func: relax.Function) -> dict:
+    return {k: v for k, v in func.attrs.items() if k != "global_symbol"} if func.attrs else {}
