@@ -96,7 +96,7 @@ def calibrate(mod, sites: list[QuantSite], data: CalibrationSet, compile_fn: Run
     plan, layers = QuantPlan(), {}
     for s in sites:
         lo, hi = calibration_range(observers[s.data], method)
-        params = quant_params(lo, hi, act_dtype if lo < 0 or act_dtype != "int8" else "int8")
+        params = quant_params(lo, hi, act_dtype)
         report = LayerReport(s.name, s.kind, "x".join(str(d) for d in s.weight.shape), s.macs, True,
                              range=(float(lo), float(hi)), scale=params.scale,
                              zero_point=params.zero_point, dtype=params.dtype)

@@ -17,6 +17,7 @@ Sites are named `conv2d_<i>` / `matmul_<i>` in graph order; `--keep-fp32` takes 
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -171,7 +172,7 @@ def quantize_int8(mod: tvm.IRModule, sites: list[QuantSite], plan: QuantPlan) ->
         remap: dict = {}
         quantized: dict = {}          # (input var, params) -> quantized activation, shared by sites
         for block in func.body.blocks:
-            with bb.dataflow() if isinstance(block, relax.DataflowBlock) else _no_block():
+            with bb.dataflow() if isinstance(block, relax.DataflowBlock) else nullcontext():
                 for binding in block.bindings:
                     var = binding.var
                     if var in chosen:
@@ -189,14 +190,6 @@ def quantize_int8(mod: tvm.IRModule, sites: list[QuantSite], plan: QuantPlan) ->
     new = tvm.IRModule(dict(mod.functions_items()))
     new["main"] = bb.get()["main"]
     return relax.transform.CanonicalizeBindings()(new)
-
-
-class _no_block:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _emit_site(bb: relax.BlockBuilder, site: QuantSite, act: QuantParams, data, call: relax.Call,

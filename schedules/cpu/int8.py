@@ -23,7 +23,13 @@ from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
 from schedules.analysis import BlockFacts, block_facts
-from schedules.common import extents, fold_epilogue, inline_trivial_copies, schedule_injective
+from schedules.common import (
+    extents,
+    fold_epilogue,
+    inline_trivial_copies,
+    schedule_injective,
+    tile_epilogue,
+)
 from schedules.knobs import Knobs, largest_divisor
 from schedules.rule import CPURule
 
@@ -200,23 +206,9 @@ def schedule_int8(sch: s_tir.Schedule, match: IntMatch, ins: DotInstruction, tar
     sch.vectorize(i_vec)
     for lp in init_loops[-1 - len(tile):-1]:
         sch.unroll(lp)
-    _schedule_epilogue(sch, last, lanes)
+    tile_epilogue(sch, last, 1, lanes)      # below the parallel loop
     for b in prologue:
         schedule_injective(sch, b.rv, 64)
-
-
-def _schedule_epilogue(sch: s_tir.Schedule, block, lanes: int) -> None:
-    """Below the parallel loop: vectorize the channel axis in `lanes`, unroll the rest."""
-    tile = sch.get_loops(block)[1:]
-    if not tile:
-        return
-    (inner,) = extents(sch, tile[-1:])
-    if inner % lanes == 0:
-        outer, vec = sch.split(tile[-1], factors=[None, lanes])
-        sch.vectorize(vec)
-        tile = tile[:-1] + [outer]
-    for lp in tile:
-        sch.unroll(lp)
 
 
 class Int8Dot(CPURule):
