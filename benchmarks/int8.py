@@ -30,7 +30,7 @@ def main() -> None:
     from pipeline.build import build
     from pipeline.calibrate import load_calibration_data
     from pipeline.importer import import_model
-    from pipeline.int8 import activation_dtype
+    from pipeline.int8 import activation_dtype, weight_max
     from pipeline.measure import MeasureSettings, measure_interleaved
     from pipeline.ort_quant import ort_static_int8
     from pipeline.passes import QUANTIZE_AT, apply_passes, preset_passes, split_passes
@@ -44,11 +44,12 @@ def main() -> None:
     p.add_argument("--calibration-samples", type=int, default=8)
     p.add_argument("--eval-samples", type=int, default=100)
     p.add_argument("--method", default="percentile")
+    p.add_argument("--target", default="auto", help="preset: x86-avx512 runs the non-VNNI path here")
     p.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     args = p.parse_args()
 
     tvm_compat.apply()
-    resolved = resolve_target("auto")
+    resolved = resolve_target(args.target)
     threads = use_threads(resolved.cores)
     target = resolved.tvm_target()
     model = import_model(args.model)
@@ -70,7 +71,8 @@ def main() -> None:
     feeds = [seeded_inputs(model.inputs, 10_000 + i) for i in range(args.eval_samples)]
     evaluation = eval_set(feeds, lambda f: session.run(None, f))
     outcome = quantize_model(pre, calib, evaluation, lambda m: runner(compiled(m)),
-                             QuantizeSettings(args.method), activation_dtype(target))
+                             QuantizeSettings(args.method), activation_dtype(target),
+                             weight_max(target))
     tvm_int8, tvm_fp32 = compiled(outcome.mod, db), compiled(pre, db)
 
     import onnxruntime as ort
@@ -110,7 +112,8 @@ def main() -> None:
         "calibration": {"samples": len(calib.samples), "method": args.method, "source": calib.source},
     }
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / f"int8-{args.model}.json").write_text(json.dumps(result, indent=2))
+    suffix = "" if args.target == "auto" else f"-{resolved.preset}"
+    (args.out_dir / f"int8-{args.model}{suffix}.json").write_text(json.dumps(result, indent=2))
     print(f"{args.model} on {resolved.preset}, {threads} threads (median ms): " +
           ", ".join(f"{k} {v}" for k, v in ms.items()))
     print(f"TVM int8 is {result['tvm_int8_speedup_over_tvm_fp32']:.2f}x faster than TVM fp32; "

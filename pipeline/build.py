@@ -24,20 +24,28 @@ class BuiltModule:
     costs: dict = field(default_factory=dict)   # kernel -> roofline.KernelCost, as compiled
 
 
-def apply_database(mod, target, database_dir: Path | None):
-    """Replace every PrimFunc that has a tuning record with its best schedule."""
+def apply_database(mod, target, database_dir: Path | None, tuning_db: str | None = None):
+    """Replace every PrimFunc that has a tuning record with its best schedule (from the JSON folder
+    `database_dir`, or from the PostgreSQL store `tuning_db`)."""
     from tvm import relax
 
     from pipeline.logs import SHIPPED
     from pipeline.tuning import open_database
+    from pipeline.tuning_db import database_lock
 
+    if database_dir is not None and tuning_db:
+        db = open_database(database_dir, tuning_db)
+        with target, db:
+            return relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
     if database_dir is None or not ((database_dir / "database_workload.json").exists()
                                     or (database_dir / SHIPPED).is_dir()):
         return mod
 
-    db = open_database(database_dir)
-    with target, db:
-        return relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+    # shared: never read a folder while another process is appending to it (or compacting it)
+    with database_lock(database_dir, exclusive=False):
+        db = open_database(database_dir)
+        with target, db:
+            return relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
 
 
 def _count_scheduled(mod) -> tuple[int, int]:
@@ -48,7 +56,7 @@ def _count_scheduled(mod) -> tuple[int, int]:
 
 
 def build(mod, target, database_dir: Path | None = None, post_passes: list | None = None,
-          default_schedules: bool = True) -> BuiltModule:
+          default_schedules: bool = True, tuning_db: str | None = None) -> BuiltModule:
     """Compile a fused Relax module (the output of the graph passes) for `target`; `post_passes`
     (pipeline.passes.post_tuning_passes) run after the database is applied. Kernels without a
     tuning record get our default schedules (`schedules/`) unless `default_schedules` is off."""
@@ -57,7 +65,9 @@ def build(mod, target, database_dir: Path | None = None, post_passes: list | Non
     from pipeline.passes import apply_passes
     from schedules import ScheduleUntuned
 
-    mod = apply_database(mod, target, database_dir)
+    # Taken now: scheduling replaces the functions inside `mod` itself.
+    fused = {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
+    mod = apply_database(mod, target, database_dir, tuning_db)
     scheduled, total = _count_scheduled(mod)
     log.info("%d of %d kernels scheduled from the database", scheduled, total)
     untuned = ScheduleUntuned(target)
@@ -71,4 +81,4 @@ def build(mod, target, database_dir: Path | None = None, post_passes: list | Non
     mod, params = LiftConstantsToParams(mod)
     executable = tvm.compile(mod, target=target)
     return BuiltModule(executable, params, scheduled, total, dict(untuned.applied),
-                       kernel_costs(mod))
+                       kernel_costs(mod, unscheduled=fused))

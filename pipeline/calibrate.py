@@ -385,27 +385,27 @@ def _channel_shape(ndim: int, axis: int) -> list[int]:
     return shape
 
 
-def weight_scales(w: np.ndarray, axis: int) -> np.ndarray:
-    """Symmetric int8 scale per slice along `axis` (the output channels): max |w| over the other axes / 127,
-    float32. An all-zero channel gets scale 1 (its weights are 0 at any scale, and a tiny scale would blow
+def weight_scales(w: np.ndarray, axis: int, qmax: int = 127) -> np.ndarray:
+    """Symmetric int8 scale per slice along `axis` (the output channels): max |w| over the other axes / qmax
+    (127; 63 for kernels whose int16 pair sums must not saturate), float32. An all-zero channel gets scale 1 (its weights are 0 at any scale, and a tiny scale would blow
     up the bias / (x_scale * w_scale) the integer kernels add); others are floored at float32's tiny."""
     w = np.asarray(w)
     _channel_shape(w.ndim, axis)
     if not np.isfinite(w).all():
         raise UserError("a weight tensor has NaN/Inf values; the float model is broken")
     amax = np.max(np.abs(w.astype(np.float64)), axis=tuple(i for i in range(w.ndim) if i != axis % w.ndim))
-    return np.where(amax > 0, np.maximum(amax / 127, _TINY), 1.0).astype(np.float32)
+    return np.where(amax > 0, np.maximum(amax / qmax, _TINY), 1.0).astype(np.float32)
 
 
-def quantize_weight(w: np.ndarray, scales: np.ndarray, axis: int) -> np.ndarray:
-    """round(w / scale) half to even, clipped to [-127, 127] (symmetric: -128 is never used), int8."""
+def quantize_weight(w: np.ndarray, scales: np.ndarray, axis: int, qmax: int = 127) -> np.ndarray:
+    """round(w / scale) half to even, clipped to [-qmax, qmax] (symmetric: -128 is never used), int8."""
     w = np.asarray(w)
     shape = _channel_shape(w.ndim, axis)
     scales = np.asarray(scales, np.float64)
     if scales.shape != (w.shape[axis],) or not (scales > 0).all():
         raise ValueError(f"need {w.shape[axis]} positive scales for axis {axis}, got shape {scales.shape}")
     q = np.rint(w.astype(np.float64) / scales.reshape(shape))
-    return np.clip(q, -127, 127).astype(np.int8)
+    return np.clip(q, -qmax, qmax).astype(np.int8)
 
 
 # --- calibration data -------------------------------------------------------------------------------------

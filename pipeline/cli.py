@@ -145,7 +145,14 @@ def run(
     accuracy_samples: Annotated[int, typer.Option(help="int8: seeded inputs the accuracy gate compares against fp32.")] = 50,
     accuracy_data: Annotated[Path | None, typer.Option(help="int8: labelled real data for the gate, a .npz of the inputs by name plus 'labels'.")] = None,
     fallback_rounds: Annotated[int, typer.Option(help="int8: rounds that move the most sensitive layers back to fp32 (1, 2, 4, ...) before the run fails.")] = 4,
+    sparse: Annotated[str, typer.Option(help="auto: BSR kernels for weights sparse enough where measured faster; on: all of those, unmeasured; off.")] = "off",
+    sparse_threshold: Annotated[float, typer.Option(help="Block sparsity a weight needs to be considered for BSR.")] = 0.7,
+    block: Annotated[str, typer.Option(help="BSR block RxC of the [K, N] weight (R inputs x C outputs), or auto (1 x vector lanes).")] = "auto",
     show_passes: Annotated[bool, typer.Option(help="Print the graph-pass list first.")] = False,
+    rpc: Annotated[str | None, typer.Option(help="Measure on the servers of this TVM RPC tracker, HOST:PORT (builds stay local).")] = None,
+    rpc_key: Annotated[str | None, typer.Option(help="Device key the RPC servers registered under.")] = None,
+    tuning_db: Annotated[str | None, typer.Option(help="Tuning records in PostgreSQL (postgresql://user@host/db) instead of the JSON files.")] = None,
+    precision: Annotated[str, typer.Option(help="fp32, or fp16 / bf16 mixed precision (conv/matmul in half precision, fp32 accumulation; judged by --max-accuracy-drop).")] = "fp32",
     as_json: Annotated[bool, typer.Option("--json", help="End stdout with one JSON summary line.")] = False,
 ) -> None:
     """Import, optimise, tune, verify, measure, record and export one model."""
@@ -156,7 +163,8 @@ def _run(model, target, budget, trials, trials_per_task, time_budget, tuning_log
          tracking_uri, experiment, skip_untuned, tolerance, repeats, measure_seconds, model_option,
          input_shape, seed, winograd, roofline, profile_runs, ceilings_dir, register,
          export_fastest, quantize, calibration, calibration_method, calibration_samples, keep_fp32,
-         max_accuracy_drop, accuracy_samples, accuracy_data, fallback_rounds, show_passes,
+         max_accuracy_drop, accuracy_samples, accuracy_data, fallback_rounds, sparse,
+         sparse_threshold, block, show_passes, rpc, rpc_key, tuning_db, precision,
          as_json) -> None:
     from pipeline.config import RunConfig, parse_model_options, parse_shape_overrides, resolve_budget
     from pipeline.measure import MeasureSettings
@@ -175,10 +183,12 @@ def _run(model, target, budget, trials, trials_per_task, time_budget, tuning_log
         calibration_samples=calibration_samples,
         keep_fp32=[n.strip() for n in (keep_fp32 or "").split(",") if n.strip()],
         max_accuracy_drop=max_accuracy_drop, accuracy_samples=accuracy_samples,
-        accuracy_data=accuracy_data, fallback_rounds=fallback_rounds)
+        accuracy_data=accuracy_data, fallback_rounds=fallback_rounds, sparse=sparse,
+        sparse_threshold=sparse_threshold, sparse_block=block, rpc=rpc, rpc_key=rpc_key,
+        tuning_db=tuning_db, precision=precision)
     err.print(budget_line)
     if show_passes:
-        _print_passes(target, winograd)
+        _print_passes(target, winograd, precision)
     stop = _StopRequest()
     stop.install()
     view = _ProgressView(enabled=True)
@@ -198,6 +208,7 @@ def _run(model, target, budget, trials, trials_per_task, time_budget, tuning_log
             "stage_seconds": result.stage_seconds, "tune_curve": result.tune_curve,
             "roofline": result.roofline, "registered": result.registered,
             "exported": result.exported, "quantization": result.quantization,
+            "sparse": result.sparse,
             "run_dir": result.run_dir}))
 
 
@@ -209,13 +220,13 @@ def _quantize_mode(value: str) -> str:
     return value
 
 
-def _print_passes(target: str, winograd: bool | None) -> None:
+def _print_passes(target: str, winograd: bool | None, precision: str = "fp32") -> None:
     from pipeline.passes import describe_passes, preset_passes
     from pipeline.targets import resolve_target
 
     resolved = resolve_target(target)
     out.print(f"[bold]graph passes for {resolved.preset}[/] (before tuning, then after it)")
-    passes, post = preset_passes(resolved.tuning, winograd)
+    passes, post = preset_passes(resolved.tuning, winograd, precision)
     for line in describe_passes(passes + post):
         out.print(line)
 
@@ -225,12 +236,17 @@ def _print_result(r) -> None:
     out.print(f"tasks {r.tasks} | trials new {r.trials_new}, reused {r.trials_reused} "
               f"({r.tune_stop_reason}) | kernels scheduled {r.scheduled_kernels}")
     v = r.verification
-    if v.get("accuracy"):
+    if v.get("skipped"):
+        out.print(f"[yellow]verification, measurement and roofline skipped[/]: {v['skipped']}")
+    elif v.get("accuracy"):
         a, q = v["accuracy"], r.quantization
-        out.print(f"int8: {q['int8_layers']}/{q['layers']} layers ({q['int8_macs_fraction']:.0%} of MACs), "
-                  f"calibration {q['method']} on {q['calibration']}"
-                  + (" [yellow](synthetic: pass --calibration)[/]" if q["synthetic"] else ""))
-        out.print(f"accuracy vs fp32 ({a['kind']}, {a['samples']} samples): drop "
+        if q:
+            out.print(f"int8: {q['int8_layers']}/{q['layers']} layers ({q['int8_macs_fraction']:.0%} of MACs), "
+                      f"calibration {q['method']} on {q['calibration']}"
+                      + (" [yellow](synthetic: pass --calibration)[/]" if q["synthetic"] else ""))
+        against = "ONNX Runtime on the QDQ model" if q.get("source") == "qdq" else "fp32"
+        against += f" ({r.precision} build)" if r.precision != "fp32" else ""
+        out.print(f"accuracy vs {against} ({a['kind']}, {a['samples']} samples): drop "
                   f"{a['drop_points']:.2f} points (bound {a['max_drop_points']:g})"
                   + (f", top-1 agreement {a['top1_agreement']:.1%}" if a.get("top1_agreement") is not None
                      else "") + (f", min cosine {a['min_cosine']:.4f}" if a.get("min_cosine") is not None
@@ -244,11 +260,13 @@ def _print_result(r) -> None:
         table.add_row(name, f"{stats['median_ms']:.3f}", f"{stats['p90_ms']:.3f}",
                       f"{stats['p99_ms']:.3f}", str(stats["samples"]),
                       f"{speed:.2f}x" if speed else "-")
-    out.print(table)
+    if r.latency:   # none when the module cannot run here
+        out.print(table)
     if r.roofline:
         roof = r.roofline
         out.print(f"roofline: kernels at {roof['fraction']:.0%} of attainable (time-weighted); "
-                  f"ceilings {roof['peak_gflops']:g} GFLOP/s, {roof['bandwidth_gbs']:g} GB/s; "
+                  f"ceilings {roof['peak_gflops']:g} GFLOP/s fp32, {roof['peak_int8_gops']:g} "
+                  f"GOP/s int8, {roof['bandwidth_gbs']:g} GB/s; "
                   f"plot {roof['dir']}/roofline.png")
     out.print(f"artifact: {r.artifact}" + (f" | model version {r.registered}" if r.registered else ""))
     if r.exported != "tuned":
@@ -258,9 +276,60 @@ def _print_result(r) -> None:
 
 
 @app.command()
-def models() -> None:
-    """List the zoo: names, input specs, parameter counts and GFLOPs."""
-    _guard(_models)
+def models(
+    model: Annotated[str | None, typer.Argument(help="Show the sparsity of each linear weight of this zoo model or .onnx file instead.")] = None,
+    model_option: Annotated[list[str] | None, typer.Option(help="Zoo model option KEY=VALUE (repeatable).")] = None,
+    block: Annotated[str, typer.Option(help="Block RxC for the block-sparsity column.")] = "1x16",
+) -> None:
+    """List the zoo: names, input specs, parameter counts and GFLOPs (or one model's weight sparsity)."""
+    if model is None:
+        _guard(_models)
+    else:
+        _guard(_sparsity, model, model_option, block)
+
+
+def _sparsity(model: str, model_option, block: str) -> None:
+    from pipeline.config import parse_model_options
+    from pipeline.importer import load_onnx
+    from pipeline.passes.sparse import parse_block
+    from pipeline.prune import sparsity_report
+
+    rc = parse_block(block) or (1, 16)
+    _, proto, _ = load_onnx(model, parse_model_options(model_option or []))
+    table = Table("weight", "op", "shape", "sparsity", f"block sparsity ({rc[0]}x{rc[1]})")
+    for r in sparsity_report(proto, rc):
+        table.add_row(r.name, r.op, "x".join(map(str, r.shape)), f"{r.sparsity:.1%}",
+                      f"{r.block_sparsity:.1%}")
+    out.print(table)
+
+
+@app.command()
+def prune(
+    model: Annotated[str, typer.Argument(help="Zoo name or .onnx path.")],
+    sparsity: Annotated[float, typer.Option(help="Fraction of each linear weight to zero, e.g. 0.9.")] = 0.9,
+    block: Annotated[str, typer.Option(help="1x1 (unstructured) or RxC blocks of the [K, N] weight, e.g. 1x16.")] = "1x16",
+    out_path: Annotated[Path, typer.Option("--out", help="Where the pruned .onnx goes.")] = Path("pruned.onnx"),
+    model_option: Annotated[list[str] | None, typer.Option(help="Zoo model option KEY=VALUE (repeatable).")] = None,
+) -> None:
+    """Magnitude-prune the MatMul/Gemm/1x1-Conv weights of a model (for `tune run --sparse auto`)."""
+    _guard(_prune, model, sparsity, block, out_path, model_option)
+
+
+def _prune(model: str, sparsity: float, block: str, out_path: Path, model_option) -> None:
+    import onnx
+
+    from pipeline.config import parse_model_options
+    from pipeline.importer import load_onnx
+    from pipeline.passes.sparse import parse_block
+    from pipeline.prune import prune_model, sparsity_report
+
+    rc = parse_block(block) or (1, 16)
+    _, proto, _ = load_onnx(model, parse_model_options(model_option or []))
+    pruned = prune_model(proto, sparsity, rc)
+    onnx.save(pruned, out_path)
+    rows = sparsity_report(pruned, rc)
+    mean = sum(r.sparsity for r in rows) / len(rows)
+    out.print(f"pruned {len(rows)} weights to {mean:.1%} zeros ({rc[0]}x{rc[1]} blocks) -> {out_path}")
 
 
 def _models() -> None:
@@ -287,14 +356,24 @@ def _targets() -> None:
 
     host = detect_host()
     auto = resolve_target("auto", host)
-    table = Table("preset", "requires", "mcpu / arch", "description")
+    table = Table("preset", "requires", "mcpu / arch", "published ceilings", "description")
     for p in load_presets().values():
         mark = " [green](auto)[/]" if p.name == auto.preset else ""
         table.add_row(p.name + mark, " ".join(p.requires), p.target.get("mcpu") or p.target.get("arch", ""),
-                      p.description)
+                      _ceilings_line(p.ceilings), p.description)
     out.print(table)
     out.print(f"auto -> [bold]{auto.preset}[/]: {auto.reason}")
     out.print(f"target: {json.dumps(auto.target_dict)}")
+
+
+def _ceilings_line(c: dict) -> str:
+    if "fp32_tflops" in c:
+        half = f", fp16 TC {c['fp16_tensor_tflops']:g}" if "fp16_tensor_tflops" in c else ""
+        return f"{c['device']}: fp32 {c['fp32_tflops']:g}{half} TFLOP/s, {c['bandwidth_gbs']:g} GB/s"
+    if "fp32_flop_per_cycle_per_core" in c:
+        int8 = f", int8 {c['int8_op_per_cycle_per_core']}" if "int8_op_per_cycle_per_core" in c else ""
+        return f"fp32 {c['fp32_flop_per_cycle_per_core']}{int8} /cycle/core"
+    return "-"
 
 
 @app.command()
@@ -311,7 +390,8 @@ def predict(
 def _predict(artifact: Path, input_path, output, check: bool) -> None:
     import numpy as np
 
-    from pipeline.errors import UserError, VerificationError
+    from pipeline.cross import check_against_reference
+    from pipeline.errors import UserError
     from pipeline.export import load_artifact, read_inputs
 
     if input_path is None and not check:
@@ -325,10 +405,7 @@ def _predict(artifact: Path, input_path, output, check: bool) -> None:
         inputs = read_inputs(loaded, input_path)
     results = loaded.model(inputs)
     if check:
-        worst = max(float(np.max(np.abs(a - b))) for a, b in zip(results, expected))
-        if worst > 0:
-            raise VerificationError(f"artifact output differs from the verified output by {worst:.3g}")
-        out.print("artifact reproduces the verified output exactly")
+        out.print(check_against_reference(results, expected, loaded.manifest.get("verification", {})))
     if output is not None:
         if len(results) == 1 and output.suffix == ".npy":
             np.save(output, results[0])
@@ -370,21 +447,22 @@ def _roofline(ref, calibrate, target, tracking_uri, ceilings_dir, top) -> None:
         c = machine_ceilings(resolved.preset, resolved.tvm_target(), threads, ceilings_dir,
                              recalibrate=True)
         out.print(f"{c.cpu}, {c.threads} threads ({c.preset}): peak {c.peak_gflops:g} GFLOP/s "
-                  f"({c.gemm}), bandwidth {c.bandwidth_gbs:g} GB/s ({c.stream}), "
-                  f"ridge {c.ridge:.1f} flop/B")
+                  f"({c.gemm}), int8 {c.peak_int8_gops:g} GOP/s ({c.gemm_int8}), bandwidth "
+                  f"{c.bandwidth_gbs:g} GB/s ({c.stream}), ridge {c.ridge:.1f} flop/B")
         if ref is None:
             return
     if ref is None:
         raise UserError("give a run id, run folder or artifact folder (or --calibrate)")
     folder = find_roofline(ref, resolve_uri(tracking_uri))
     points, c = read_roofline(folder)
-    out.print(f"ceilings: {c.peak_gflops:g} GFLOP/s, {c.bandwidth_gbs:g} GB/s, ridge {c.ridge:.1f} "
+    out.print(f"ceilings: {c.peak_gflops:g} GFLOP/s fp32, {c.peak_int8_gops:g} GOP/s int8, "
+              f"{c.bandwidth_gbs:g} GB/s, ridge {c.ridge:.1f} "
               f"flop/B ({c.cpu}, {c.threads} threads); kernels at {weighted_fraction(points):.0%} "
               "of attainable, time-weighted")
-    table = Table(Column("kernel", overflow="fold"), "calls", "ms", "share", "flop/B", "GFLOP/s",
-                  "roof", "fraction", "bound")
+    table = Table(Column("kernel", overflow="fold"), "precision", "calls", "ms", "share", "flop/B",
+                  "GFLOP/s", "roof", "fraction", "bound")
     for p in sorted(points, key=lambda p: -p.share)[:top]:
-        table.add_row(p.kernel, str(p.calls), f"{p.ms:.3f}", f"{p.share:.1%}", f"{p.intensity:.1f}",
+        table.add_row(p.kernel, p.precision, str(p.calls), f"{p.ms:.3f}", f"{p.share:.1%}", f"{p.intensity:.1f}",
                       f"{p.achieved_gflops:.0f}", f"{p.attainable_gflops:.0f}",
                       f"{p.fraction:.0%}", p.bound)
     out.print(table)
@@ -517,6 +595,133 @@ def _logs_ship(preset: str, tuning_logs: Path) -> None:
     report = ship(folder)
     out.print(f"{name}: {report.workloads} workloads, {report.records} records, "
               f"{report.bytes_written / 1e3:.0f} kB in {report.folder}")
+
+
+@logs_app.command("compact")
+def logs_compact(
+    preset: Annotated[str, typer.Option(help="Preset name, or auto for this machine's.")] = "auto",
+    keep: Annotated[int, typer.Option(help="Records kept per workload (the fastest valid ones).")] = 32,
+    tuning_logs: Annotated[Path, typer.Option(help="Root of the MetaSchedule databases.")] = Path("tuning_logs"),
+    tuning_db: Annotated[str | None, typer.Option(help="Compact this PostgreSQL store instead.")] = None,
+) -> None:
+    """Keep the top-k records per workload; the trials behind the rest still count when a run resumes."""
+    _guard(_logs_compact, preset, keep, tuning_logs, tuning_db)
+
+
+def _logs_compact(preset: str, keep: int, tuning_logs: Path, tuning_db: str | None) -> None:
+    from pipeline.targets import resolve_target
+    from pipeline.tuning_db import compact_json, open_postgres
+
+    if tuning_db:
+        r = open_postgres(tuning_db).compact(keep)
+        where = "the PostgreSQL store"
+    else:
+        r = compact_json(tuning_logs / resolve_target(preset).preset, keep)
+        where = str(tuning_logs / resolve_target(preset).preset)
+    out.print(f"{where}: kept {r.kept} records, removed {r.removed} ({r.workloads} workloads); "
+              f"{r.bytes_before / 1e6:.1f} MB -> {r.bytes_after / 1e6:.1f} MB of records")
+
+
+@logs_app.command("export")
+def logs_export(
+    tuning_db: Annotated[str, typer.Option(help="The PostgreSQL store, postgresql://user@host/db.")],
+    preset: Annotated[str, typer.Option(help="Preset name, or auto for this machine's.")] = "auto",
+    tuning_logs: Annotated[Path, typer.Option(help="Root of the MetaSchedule databases.")] = Path("tuning_logs"),
+) -> None:
+    """Copy a preset's JSON records into PostgreSQL (records it has already are skipped)."""
+    _guard(_logs_move, "export", preset, tuning_logs, tuning_db)
+
+
+@logs_app.command("import")
+def logs_import(
+    tuning_db: Annotated[str, typer.Option(help="The PostgreSQL store, postgresql://user@host/db.")],
+    preset: Annotated[str, typer.Option(help="Preset name, or auto for this machine's.")] = "auto",
+    tuning_logs: Annotated[Path, typer.Option(help="Root of the MetaSchedule databases.")] = Path("tuning_logs"),
+) -> None:
+    """Copy the PostgreSQL records into a preset's JSON database (records it has already are skipped)."""
+    _guard(_logs_move, "import", preset, tuning_logs, tuning_db)
+
+
+def _logs_move(direction: str, preset: str, tuning_logs: Path, tuning_db: str) -> None:
+    from pipeline.targets import resolve_target
+    from pipeline.tuning import open_database
+    from pipeline.tuning_db import copy_records, database_lock, open_postgres
+
+    folder = tuning_logs / resolve_target(preset).preset
+    pg = open_postgres(tuning_db)
+    with database_lock(folder, exclusive=direction == "import"):
+        js = open_database(folder)
+        if direction == "export":
+            r = copy_records(js, pg, src_dir=folder)
+        else:
+            r = copy_records(pg, js, dst_dir=folder)
+    arrow = f"{folder} -> PostgreSQL" if direction == "export" else f"PostgreSQL -> {folder}"
+    out.print(f"{arrow}: {r.added} of {r.records} records added ({r.workloads} workloads)")
+
+
+@app.command()
+def nightly(
+    config: Annotated[Path, typer.Option("--config", "-c", help="The jobs, e.g. nightly.toml (see docs/nightly.md).")],
+    tuning_logs: Annotated[Path, typer.Option(help="Root of the MetaSchedule databases.")] = Path("tuning_logs"),
+    out_dir: Annotated[Path, typer.Option("--out", help="Where each night's summary folder goes.")] = Path("nightly"),
+    artifacts: Annotated[Path, typer.Option(help="Where artifacts are exported.")] = Path("artifacts"),
+    runs_dir: Annotated[Path, typer.Option(help="Where run folders go.")] = Path("runs"),
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db).")] = None,
+    rpc: Annotated[str | None, typer.Option(help="Measure on this RPC tracker's servers, HOST:PORT.")] = None,
+    rpc_key: Annotated[str | None, typer.Option(help="Device key of the RPC servers.")] = None,
+    tuning_db: Annotated[str | None, typer.Option(help="Tuning records in PostgreSQL instead of the JSON files.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="End stdout with one JSON summary line.")] = False,
+) -> None:
+    """Run every [[job]] of the config: resume tuning, build, verify, compare with the champion,
+    promote only when faster beyond noise. Exit 1 after all jobs when one failed or regressed."""
+    _guard(_nightly, config, tuning_logs, out_dir, artifacts, runs_dir, tracking_uri, rpc, rpc_key,
+           tuning_db, as_json)
+
+
+def _nightly(config, tuning_logs, out_dir, artifacts, runs_dir, tracking_uri, rpc, rpc_key, tuning_db,
+             as_json) -> None:
+    from pipeline.nightly import render_markdown, run_nightly
+
+    report = run_nightly(config, tuning_logs, out_dir, tracking_uri, artifacts, runs_dir,
+                         {"rpc": rpc, "rpc_key": rpc_key, "tuning_db": tuning_db},
+                         progress=lambda e: err.print(f"[cyan]{e.stage:>8}[/] {e.message}"))
+    out.print(render_markdown(report))
+    out.print(f"summary: {report.folder}/summary.md")
+    if as_json:
+        print(json.dumps({"folder": report.folder, "exit_code": report.exit_code,
+                          "mlflow_run_id": report.mlflow_run_id, "jobs": report.jobs}, default=str))
+    if report.exit_code:
+        raise typer.Exit(report.exit_code)
+
+
+rpc_app = typer.Typer(no_args_is_help=True, help="Distributed measurement over TVM RPC.")
+app.add_typer(rpc_app, name="rpc")
+
+
+@rpc_app.command("status")
+def rpc_status(
+    tracker: Annotated[str, typer.Option(help="The tracker, HOST:PORT.")] = "127.0.0.1:9190",
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON line instead of the tables.")] = False,
+) -> None:
+    """The tracker's servers and its queue per device key."""
+    _guard(_rpc_status, tracker, as_json)
+
+
+def _rpc_status(tracker: str, as_json: bool) -> None:
+    from dataclasses import asdict
+
+    from pipeline.rpc import tracker_status
+
+    status = tracker_status(tracker)
+    if as_json:
+        print(json.dumps({"servers": status.servers, "queue": [asdict(q) for q in status.queue]}))
+        return
+    table = Table("device key", "servers", "free", "pending requests")
+    for q in status.queue:
+        table.add_row(q.key, str(q.total), str(q.free), str(q.pending))
+    out.print(table)
+    for s in status.servers:
+        out.print(f"  {s['address']}  {s['key']}")
 
 
 if __name__ == "__main__":

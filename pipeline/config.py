@@ -43,6 +43,13 @@ class RunConfig:
     accuracy_samples: int = 50                            # seeded inputs the int8 gate compares on
     accuracy_data: Path | None = None                     # labelled .npz (inputs + labels) instead
     fallback_rounds: int = 4                              # int8 layers -> fp32 rounds before failing
+    sparse: str = "off"                                   # auto | on | off: BSR kernels for sparse weights
+    sparse_threshold: float = 0.7                         # block sparsity a weight needs for BSR
+    sparse_block: str = "auto"                            # RxC (R along K, C along N) or auto
+    precision: str = "fp32"          # fp32 | fp16 | bf16: ToMixedPrecision (pipeline/precision.py)
+    rpc: str | None = None           # HOST:PORT of a TVM RPC tracker: measure on its servers
+    rpc_key: str | None = None       # the device key those servers registered under
+    tuning_db: str | None = None     # postgresql://... : tuning records there instead of JSON files
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,15 @@ def activation_dtype(target) -> str:
     return ins.a_dtype if ins is not None else "uint8"
 
 
+def weight_max(target) -> int:
+    """The |int8 weight| bound the target's kernel is exact for (127; 63 where a pmaddubsw int16
+    pair sum would saturate: x86 without VNNI)."""
+    from schedules.cpu.int8 import dot_instruction
+
+    ins = dot_instruction(target) if target.kind.name == "llvm" else None
+    return ins.weight_max if ins is not None else 127
+
+
 def _feeds_runner(model, compiled):
     names = [s.name for s in model.inputs]
     return lambda feed: compiled([feed[n] for n in names])
@@ -105,7 +114,13 @@ def quantize_stage(config, model, mod, target, late_passes, post_passes, session
     evaluation = eval_set(feeds, lambda feed: session.run(None, feed), labels)
     settings = QuantizeSettings(config.calibration_method, list(config.keep_fp32),
                                 config.max_accuracy_drop, config.fallback_rounds)
-    outcome = quantize_model(mod, data, evaluation, compile_fn, settings, activation_dtype(target))
+    from schedules.cpu.int8 import dot_instruction
+
+    ins = dot_instruction(target) if target.kind.name == "llvm" else None
+    recorder.params({"int8_instruction": ins.name if ins else "none (int32 fallback)",
+                     "int8_weight_max": weight_max(target)})
+    outcome = quantize_model(mod, data, evaluation, compile_fn, settings, activation_dtype(target),
+                             weight_max(target))
     table = outcome.table()
     (run_dir / "quantization.json").write_text(json.dumps(
         {"calibration": {"source": data.source, "synthetic": data.synthetic,

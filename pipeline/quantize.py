@@ -73,7 +73,7 @@ Runner = Callable[[object], Callable[[list[np.ndarray]], list[np.ndarray]]]
 
 
 def calibrate(mod, sites: list[QuantSite], data: CalibrationSet, compile_fn: Runner, method: str,
-              act_dtype: str, keep_fp32: list[str]) -> Calibration:
+              act_dtype: str, keep_fp32: list[str], weight_max: int = 127) -> Calibration:
     """Ranges and quantization parameters for every site's input; `compile_fn` turns a Relax
     module (graph passes up to this stage) into a callable on numpy inputs."""
     start = time.perf_counter()
@@ -93,14 +93,14 @@ def calibrate(mod, sites: list[QuantSite], data: CalibrationSet, compile_fn: Run
             observers[v].update(x)
             if i == 0:
                 kept[v] = x
-    plan, layers = QuantPlan(), {}
+    plan, layers = QuantPlan(weight_max=weight_max), {}
     for s in sites:
         lo, hi = calibration_range(observers[s.data], method)
         params = quant_params(lo, hi, act_dtype)
         report = LayerReport(s.name, s.kind, "x".join(str(d) for d in s.weight.shape), s.macs, True,
                              range=(float(lo), float(hi)), scale=params.scale,
                              zero_point=params.zero_point, dtype=params.dtype)
-        report.sensitivity = layer_sensitivity(s, kept[s.data], params)
+        report.sensitivity = layer_sensitivity(s, kept[s.data], params, weight_max)
         why = unsupported(s)
         if why or s.name in keep_fp32:
             report.int8, report.reason = False, why or "--keep-fp32"
@@ -126,18 +126,18 @@ def unsupported(site: QuantSite) -> str:
         out_ch, in_ch = site.weight.shape[0], site.weight.shape[3]
     else:
         in_ch, out_ch = site.weight.shape
-    if in_ch % 4:
-        return f"input channels {in_ch} not a multiple of 4 (dot-product depth)"
+    if site.kind == "matmul" and in_ch % 4:
+        return f"input features {in_ch} not a multiple of 4 (dot-product depth)"
     if out_ch % 16:
         return f"output channels {out_ch} not a multiple of 16 (vector lanes)"
     return ""
 
 
-def layer_sensitivity(site: QuantSite, x: np.ndarray, act: QuantParams) -> float:
+def layer_sensitivity(site: QuantSite, x: np.ndarray, act: QuantParams, weight_max: int = 127) -> float:
     """||op(fq(x), fq(W)) - op(x, W)|| / ||op(x, W)|| for one observed input."""
     axis = site.channels_last_axis
-    scales = weight_scales(site.weight, axis)
-    wq = quantize_weight(site.weight, scales, axis).astype(np.float32)
+    scales = weight_scales(site.weight, axis, weight_max)
+    wq = quantize_weight(site.weight, scales, axis, weight_max).astype(np.float32)
     shape = [1] * wq.ndim
     shape[axis] = -1
     w_fq = wq * scales.reshape(shape)
@@ -239,13 +239,14 @@ class QuantizeOutcome:
 
 
 def quantize_model(mod, data: CalibrationSet, evaluation: EvalSet, compile_fn: Runner,
-                   settings: QuantizeSettings, act_dtype: str) -> QuantizeOutcome:
+                   settings: QuantizeSettings, act_dtype: str, weight_max: int = 127) -> QuantizeOutcome:
     """Calibrate, rewrite, and move sensitive layers back to fp32 until the accuracy bound holds
     on `evaluation` (or the rounds run out; the caller's gate then fails the run)."""
     sites = sites_of(mod)
     if not sites:
         raise UserError("--quantize int8: the model has no conv2d or matmul with constant weights")
-    cal = calibrate(mod, sites, data, compile_fn, settings.method, act_dtype, settings.keep_fp32)
+    cal = calibrate(mod, sites, data, compile_fn, settings.method, act_dtype, settings.keep_fp32,
+                    weight_max)
     order, take = fallback_order(cal), 1
     rounds: list[dict] = []
     while True:

@@ -1,8 +1,9 @@
 """Roofline: how far each kernel of a built model is from what this machine allows.
 
 Ceilings are measured with kernels TVM builds itself: a GEMM on our register-blocked micro-kernel
-(`schedules/cpu/matmul.py`) for fp32 compute, and a streaming scale `b = 2a` over arrays far larger
-than the caches for memory bandwidth. They are cached per machine and preset (a CPU model and a
+(`schedules/cpu/matmul.py`) for fp32 compute, the same GEMM in u8 x s8 -> s32 on the target's dot
+instruction (`schedules/cpu/int8.py`, VNNI / sdot) for int8 compute where the ISA has one, and a
+streaming scale `b = 2a` over arrays far larger than the caches for memory bandwidth. They are cached per machine and preset (a CPU model and a
 thread count give the same ceilings every time; the cache key holds both).
 
 Per kernel: FLOPs from the TIR (`estimate_tir_flops`), bytes as the sizes of its arguments (each
@@ -35,14 +36,21 @@ class Ceilings:
     measured_at: str
     gemm: str = ""              # what was measured, for the record
     stream: str = ""
+    peak_int8_gops: float = 0.0  # 8-bit dot-product throughput; 0: the target has no dot instruction
+    gemm_int8: str = ""
 
     @property
     def ridge(self) -> float:
         """Arithmetic intensity (flop/byte) where the memory roof meets the compute roof."""
         return self.peak_gflops / self.bandwidth_gbs
 
-    def attainable(self, intensity: float) -> float:
-        return min(self.peak_gflops, intensity * self.bandwidth_gbs)
+    def peak(self, precision: str = "fp32") -> float:
+        if precision == "int8" and self.peak_int8_gops > 0:
+            return self.peak_int8_gops
+        return self.peak_gflops
+
+    def attainable(self, intensity: float, precision: str = "fp32") -> float:
+        return min(self.peak(precision), intensity * self.bandwidth_gbs)
 
 
 def _cpu_name() -> str:
@@ -58,9 +66,12 @@ def default_cache_dir() -> Path:
     return Path(root) / "tvm-autotune" / "ceilings"
 
 
+CACHE_VERSION = 2     # 2: int8 peak added; older files lack it and are measured again
+
+
 def _cache_file(cache_dir: Path, preset: str, threads: int) -> Path:
     key = hashlib.sha256(f"{_cpu_name()}|{platform.node()}".encode()).hexdigest()[:12]
-    return cache_dir / f"{preset}-t{threads}-{key}.json"
+    return cache_dir / f"{preset}-t{threads}-{key}-v{CACHE_VERSION}.json"
 
 
 def machine_ceilings(preset: str, target, threads: int, cache_dir: Path | None = None,
@@ -75,8 +86,9 @@ def machine_ceilings(preset: str, target, threads: int, cache_dir: Path | None =
     ceilings = measure_ceilings(preset, target, threads, size)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(asdict(ceilings), indent=2))
-    log.info("ceilings for %s (%d threads): %.0f GFLOP/s, %.1f GB/s, cached in %s", preset, threads,
-             ceilings.peak_gflops, ceilings.bandwidth_gbs, path)
+    log.info("ceilings for %s (%d threads): %.0f GFLOP/s fp32, %.0f GOP/s int8, %.1f GB/s, cached "
+             "in %s", preset, threads, ceilings.peak_gflops, ceilings.peak_int8_gops,
+             ceilings.bandwidth_gbs, path)
     return ceilings
 
 
@@ -87,10 +99,12 @@ def measure_ceilings(preset: str, target, threads: int, size: str = "full") -> C
     stream = (32 if size == "full" else 8) * 1024 * 1024        # floats per array
     gflops = _gemm_gflops(target, batch, n)
     gbs = _stream_gbs(target, stream)
+    int8 = _int8_gemm_gops(target, batch * n, n)
     return Ceilings(preset, threads, round(gflops, 1), round(gbs, 2), _cpu_name(),
                     datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     gemm=f"fp32 {batch}x {n}^3 GEMMs, schedules/ matmul rule",
-                    stream=f"b=2a, 2x{stream * 4 >> 20} MiB")
+                    stream=f"b=2a, 2x{stream * 4 >> 20} MiB",
+                    peak_int8_gops=round(int8[0], 1), gemm_int8=int8[1])
 
 
 def _build(func, target):
@@ -129,6 +143,31 @@ def _gemm_gflops(target, batch: int, n: int) -> float:
     return 2 * batch * n ** 3 / _best_seconds(lib, args) / 1e9
 
 
+def _int8_gemm_gops(target, m: int, n: int) -> tuple[float, str]:
+    """u8 x s8 -> s32 [m, n] x [n, n] on the dot-instruction kernel (the one int8 models run on);
+    (0, why) where the target has no such instruction."""
+    import tvm
+    from tvm import te
+
+    from schedules.cpu.int8 import dot_instruction
+
+    ins = dot_instruction(target)
+    if ins is None:
+        return 0.0, "no 8-bit dot-product instruction on this target"
+    a = te.placeholder((m, n), ins.a_dtype, "A")
+    b = te.placeholder((n, n), ins.b_dtype, "B")
+    k = te.reduce_axis((0, n), "k")
+    c = te.compute((m, n), lambda i, j: te.sum(a[i, k].astype("int32") * b[k, j].astype("int32"),
+                                               axis=k), name="C")
+    lib = _build(te.create_prim_func([a, b, c]), target)
+    rng = np.random.default_rng(0)
+    args = [tvm.runtime.tensor(rng.integers(0, 100, (m, n)).astype(ins.a_dtype)),
+            tvm.runtime.tensor(rng.integers(-100, 100, (n, n)).astype(ins.b_dtype)),
+            tvm.runtime.empty((m, n), "int32", tvm.cpu())]
+    ops = 2 * m * n * n / _best_seconds(lib, args) / 1e9
+    return ops, f"{ins.a_dtype} x {ins.b_dtype} {m}x{n}x{n} GEMM on {ins.name}, schedules/ int8 rule"
+
+
 def _stream_gbs(target, floats: int) -> float:
     import tvm
     from tvm import te
@@ -145,24 +184,59 @@ def _stream_gbs(target, floats: int) -> float:
 class KernelCost:
     flops: float       # per call
     bytes: int         # per call: argument sizes
+    precision: str = "fp32"    # "int8": judged against the int8 roof
 
 
-def kernel_costs(mod) -> dict[str, KernelCost]:
-    """FLOPs and bytes of every PrimFunc in `mod` (the module that is compiled)."""
+def _precision(func) -> str:
+    """"int8" for a kernel whose reduction reads 8-bit values (an integer conv / matmul), read from
+    the unscheduled TIR; a scheduled one (nested blocks) is judged by its arguments: 8-bit operands
+    next to an int32 one (the folded bias). A quantize kernel (float in, 8-bit out) is "fp32"."""
+    from tvm import s_tir
+
+    from schedules.analysis import block_facts
+
+    eight_bit = {"int8", "uint8"}
+    try:
+        blocks = block_facts(s_tir.Schedule(func))
+    except Exception:  # noqa: BLE001  (not schedulable TIR: judge by the arguments)
+        blocks = None
+    if blocks is not None:
+        return "int8" if any(b.is_reduction and any(str(r.source.dtype) in eight_bit
+                                                    for r in b.block.reads)
+                             for b in blocks) else "fp32"
+    dtypes = {str(p.dtype) for p in func.params if hasattr(p, "dtype")}
+    return "int8" if dtypes & eight_bit and "int32" in dtypes else "fp32"
+
+
+def _estimate_flops(func) -> float:
     import tvm
     from tvm.s_tir.analysis import estimate_tir_flops
 
+    try:
+        return float(estimate_tir_flops(tvm.IRModule({"main": func})))
+    except Exception:  # noqa: BLE001  (data-dependent loops: no estimate, the row says 0)
+        return 0.0
+
+
+def kernel_costs(mod, unscheduled: dict | None = None) -> dict[str, KernelCost]:
+    """FLOPs and bytes of every PrimFunc in `mod` (the module that is compiled). FLOPs come from
+    the same kernel in `unscheduled` (name -> PrimFunc before scheduling) when it is there: a
+    tensorized kernel's dot instructions are opaque calls the estimate does not count (a
+    `_prepacked` suffix, which the weight-prepacking split adds, is ignored when matching names)."""
+    import tvm
+
+    before = unscheduled or {}
     out = {}
     for gv, func in mod.functions_items():
         if not isinstance(func, tvm.tirx.PrimFunc):
             continue
-        try:
-            flops = float(estimate_tir_flops(tvm.IRModule({"main": func})))
-        except Exception:  # noqa: BLE001  (data-dependent loops: no estimate, the row says 0)
-            flops = 0.0
+        name = gv.name_hint
+        source = before.get(name) or before.get(name.removesuffix("_prepacked")) or func
+        flops = _estimate_flops(source)
+        precision = _precision(source)
         nbytes = sum(int(np.prod([int(d) for d in p.shape])) * tvm.DataType(p.dtype).bits // 8
                      for p in func.params if hasattr(p, "shape"))
-        out[gv.name_hint] = KernelCost(flops, nbytes)
+        out[gv.name_hint] = KernelCost(flops, nbytes, precision)
     return out
 
 
@@ -179,6 +253,7 @@ class RooflinePoint:
     attainable_gflops: float
     fraction: float           # achieved / attainable
     bound: str                # "compute" or "memory"
+    precision: str = "fp32"   # which compute roof applies: "fp32" or "int8" (GOP/s)
 
 
 def roofline_points(profile, costs: dict[str, KernelCost], ceilings: Ceilings) -> list[RooflinePoint]:
@@ -190,12 +265,13 @@ def roofline_points(profile, costs: dict[str, KernelCost], ceilings: Ceilings) -
         flop, nbytes = cost.flops * k.calls, cost.bytes * k.calls
         intensity = flop / nbytes if nbytes else 0.0
         achieved = flop / (k.ms * 1e6) if k.ms > 0 else 0.0
-        attainable = ceilings.attainable(intensity)
+        attainable = ceilings.attainable(intensity, cost.precision)
+        ridge = ceilings.peak(cost.precision) / ceilings.bandwidth_gbs
         points.append(RooflinePoint(
             k.name, k.calls, round(k.ms, 4), round(k.ms / total, 4), round(flop / 1e9, 4),
             round(nbytes / 1e6, 3), round(intensity, 3), round(achieved, 2), round(attainable, 2),
             round(achieved / attainable, 4) if attainable else 0.0,
-            "compute" if intensity >= ceilings.ridge else "memory"))
+            "compute" if intensity >= ridge else "memory", cost.precision))
     return points
 
 
@@ -224,16 +300,17 @@ def write_roofline(points: list[RooflinePoint], ceilings: Ceilings, out_dir: Pat
 def _html(points, ceilings: Ceilings, title: str) -> str:
     import html
 
-    head = ("kernel", "calls", "ms", "share", "GFLOP", "MB", "flop/B", "GFLOP/s", "roof GFLOP/s",
-            "fraction", "bound")
+    head = ("kernel", "precision", "calls", "ms", "share", "GFLOP", "MB", "flop/B", "GFLOP/s",
+            "roof GFLOP/s", "fraction", "bound")
     cells = "".join(
         "<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in (
-            p.kernel, p.calls, p.ms, f"{p.share:.1%}", p.gflop, p.mbytes, p.intensity,
+            p.kernel, p.precision, p.calls, p.ms, f"{p.share:.1%}", p.gflop, p.mbytes, p.intensity,
             p.achieved_gflops, p.attainable_gflops, f"{p.fraction:.1%}", p.bound)) + "</tr>"
         for p in points)
     return (f"<!doctype html><meta charset='utf-8'><title>roofline {html.escape(title)}</title>"
             f"<h1>Roofline {html.escape(title)}</h1><p>{html.escape(ceilings.cpu)}, "
-            f"{ceilings.threads} threads: peak {ceilings.peak_gflops} GFLOP/s, bandwidth "
+            f"{ceilings.threads} threads: peak {ceilings.peak_gflops} GFLOP/s fp32, "
+            f"{ceilings.peak_int8_gops or 'n/a'} GOP/s int8, bandwidth "
             f"{ceilings.bandwidth_gbs} GB/s, ridge {ceilings.ridge:.1f} flop/B; time-weighted "
             f"fraction {weighted_fraction(points):.1%}</p><table border=1 cellpadding=3><tr>"
             + "".join(f"<th>{h}</th>" for h in head) + f"</tr>{cells}</table>")
@@ -260,23 +337,31 @@ def plot_roofline(points: list[RooflinePoint], ceilings: Ceilings, ax, title: st
     hi = max([ceilings.ridge * 20, *xs]) * 2
     grid = np.geomspace(lo, hi, 200)
     ax.plot(grid, [ceilings.attainable(x) for x in grid], color="black", lw=1.5,
-            label=f"roof: {ceilings.bandwidth_gbs:g} GB/s, {ceilings.peak_gflops:g} GFLOP/s")
+            label=f"fp32 roof: {ceilings.bandwidth_gbs:g} GB/s, {ceilings.peak_gflops:g} GFLOP/s")
+    if ceilings.peak_int8_gops > 0 and any(p.precision == "int8" for p in points):
+        ax.plot(grid, [ceilings.attainable(x, "int8") for x in grid], color="black", lw=1, ls="--",
+                label=f"int8 roof: {ceilings.peak_int8_gops:g} GOP/s")
     ax.axvline(ceilings.ridge, color="grey", ls=":", lw=1)
     ax.annotate(f"ridge {ceilings.ridge:.1f} flop/B", (ceilings.ridge, ceilings.peak_gflops),
                 textcoords="offset points", xytext=(4, -14), fontsize=8, color="grey")
     shown = [p for p in points if p.intensity > 0 and p.achieved_gflops > 0]
     sizes = [30 + 1200 * p.share for p in shown]
-    colors = ["tab:blue" if p.bound == "compute" else "tab:orange" for p in shown]
-    ax.scatter([p.intensity for p in shown], [p.achieved_gflops for p in shown], s=sizes, c=colors,
-               alpha=0.6, edgecolors="black", linewidths=0.5)
+    for precision, marker in (("fp32", "o"), ("int8", "s")):
+        group = [(p, s) for p, s in zip(shown, sizes) if p.precision == precision]
+        if group:
+            ax.scatter([p.intensity for p, _ in group], [p.achieved_gflops for p, _ in group],
+                       s=[s for _, s in group], marker=marker, alpha=0.6, edgecolors="black",
+                       linewidths=0.5, c=["tab:blue" if p.bound == "compute" else "tab:orange"
+                                          for p, _ in group])
     for p in sorted(shown, key=lambda p: -p.share)[:5]:
         ax.annotate(p.kernel[:28], (p.intensity, p.achieved_gflops), fontsize=7,
                     textcoords="offset points", xytext=(5, 3))
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("arithmetic intensity (flop / byte)")
-    ax.set_ylabel("GFLOP/s")
-    ax.set_title(f"Roofline {title} (dot area: share of latency; orange: memory-bound)", fontsize=10)
+    ax.set_ylabel("GFLOP/s (GOP/s for int8)")
+    ax.set_title(f"Roofline {title} (dot area: share of latency; orange: memory-bound; "
+                 "squares: int8)", fontsize=10)
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(True, which="both", alpha=0.2)
 

@@ -50,6 +50,8 @@ class RunResult:
     registered: str = ""                                   # "<registered model>/<version>"
     exported: str = "tuned"          # the build exported: "tuned", or "untuned" when it ran faster
     quantization: dict = field(default_factory=dict)       # int8 runs: calibration, layers, rounds
+    sparse: dict = field(default_factory=dict)             # --sparse runs: BSR / dense per layer
+    precision: str = "fp32"                                # --precision: fp32, fp16 or bf16
 
     def summary(self) -> dict:
         return asdict(self)
@@ -69,12 +71,50 @@ def prepare(config: RunConfig):
         raise UserError("--tolerance must be positive")
     if config.profile_runs < 1:
         raise UserError("--profile-runs must be >= 1")
+    if config.rpc and not config.rpc_key:
+        raise UserError("--rpc needs --rpc-key: the device key the servers registered under")
+    if config.tuning_db:
+        from pipeline.tuning_db import is_postgres
+
+        if not is_postgres(config.tuning_db):
+            raise UserError(f"--tuning-db {config.tuning_db!r}: use a postgresql://... URL")
     if config.quantize != "none":
         _check_quantize_flags(config)
+    if config.sparse != "off":
+        from pipeline.passes.sparse import check_sparse_flags
+
+        check_sparse_flags(config)
     resolved = resolve_target(config.target)
+    _check_precision_and_toolchain(config, resolved)
     check_writable(config.out)
     check_writable(config.tuning_logs)
-    return resolved, load_onnx(config.model, config.model_options)
+    loaded = load_onnx(config.model, config.model_options)
+    if config.quantize != "none" and any(n.op_type in ("QuantizeLinear", "DequantizeLinear")
+                                         for n in loaded[1].graph.node):
+        # A QDQ model is quantized already: its own scales are used (passes/qdq.py). Calibrating
+        # again would only see its float leftovers, so say so instead of quietly doing little.
+        raise UserError(f"--quantize {config.quantize}: the model is already quantized (QDQ); run it "
+                        "without --quantize, its quantized layers run in integers at its own scales")
+    return resolved, loaded
+
+
+def _check_precision_and_toolchain(config: RunConfig, resolved) -> None:
+    from pipeline.cross import cross_compiler, machine_arch
+    from pipeline.precision import check_precision
+
+    check_precision(config.precision)
+    if config.precision != "fp32" and config.quantize != "none":
+        raise UserError(f"--precision {config.precision} and --quantize {config.quantize} do not "
+                        "combine: pick one")
+    cross_compiler(resolved.target_dict, machine_arch())   # a missing cross toolchain fails now
+    if config.quantize != "none":
+        from pipeline.cross import skip_reason
+        from pipeline.targets import detect_host
+
+        reason = skip_reason(resolved.target_dict, machine_arch(), detect_host().cuda_arch)
+        if reason:
+            raise UserError(f"--quantize {config.quantize} runs the model to calibrate and check "
+                            f"accuracy, and {resolved.preset} cannot run here ({reason.split(';')[0]})")
 
 
 def _check_quantize_flags(config: RunConfig) -> None:
@@ -147,7 +187,7 @@ def run_pipeline(config: RunConfig, progress: ProgressCallback = no_progress,
         file_log.close()
         try:
             recorder.artifact(run_dir, "run")
-        except Exception as exc:  # never mask the real outcome because artifacts failed to upload
+        except Exception as exc:  # noqa: BLE001  never mask the real outcome because artifacts failed to upload
             log.warning("could not log run artifacts: %s", exc)
     return result
 
@@ -169,6 +209,7 @@ def _run_stages(config, resolved, loaded, result: RunResult, recorder, run_dir: 
                 progress: ProgressCallback, should_stop, host, threads: int) -> None:
     from pipeline.baselines import openvino_runner
     from pipeline.build import build
+    from pipeline.cross import cross_compiler, skip_reason
     from pipeline.export import export_artifact, versions
     from pipeline.importer import import_model
     from pipeline.measure import faster_build, measure_interleaved
@@ -178,11 +219,22 @@ def _run_stages(config, resolved, loaded, result: RunResult, recorder, run_dir: 
     from pipeline.verify import onnxruntime_session, seeded_inputs, verify
 
     target = resolved.tvm_target()
-    if not resolved.runs_here(host):
-        raise UserError(f"target {resolved.preset} cannot run on this {host.arch} machine; "
-                        "cross-compiled export is not supported by `tune run` yet")
+    # A target this machine cannot run (aarch64 here, CUDA without a GPU) is compiled and exported;
+    # verify, measure and roofline are skipped with this reason, logged and recorded.
+    cannot_run = skip_reason(resolved.target_dict, host.arch, host.cuda_arch)
+    device = "cuda" if resolved.kind == "cuda" else "cpu"
+    budget = config.budget
+    if cannot_run:
+        log.warning("%s: verification, measurement and roofline are skipped", cannot_run)
+        recorder.tags({"verification": "skipped", "cannot_run_here": cannot_run})
+        if not config.rpc and budget.trials != 0:
+            from pipeline.tuning import TuneBudget
+
+            log.warning("no tuning: nothing here can measure %s (pass --rpc with a board); the "
+                        "database's records and the default schedules are used", resolved.preset)
+            budget = TuneBudget(trials=0)
     settings = SearchSettings.from_preset(resolved.tuning)
-    passes, post_passes = preset_passes(resolved.tuning, config.winograd)
+    passes, post_passes = preset_passes(resolved.tuning, config.winograd, config.precision)
     result.passes = [p.name for p in passes + post_passes]
     db_dir = config.tuning_logs / resolved.preset
     recorder.params({
@@ -191,8 +243,9 @@ def _run_stages(config, resolved, loaded, result: RunResult, recorder, run_dir: 
         "target": json.dumps(resolved.target_dict), "target_reason": resolved.reason,
         "trials": config.budget.trials, "trials_per_task": config.budget.trials_per_task,
         "time_budget_s": config.budget.time_budget_s, "tuning_logs": str(db_dir),
+        "tuning_db": _redact(config.tuning_db), "rpc": f"{config.rpc} key={config.rpc_key}" if config.rpc else None,
         "passes": " -> ".join(result.passes), "search": json.dumps(asdict(settings)),
-        "tolerance": config.tolerance, "seed": config.seed,
+        "tolerance": config.tolerance, "seed": config.seed, "precision": config.precision,
         **{f"version.{k}": v for k, v in versions().items()},
     })
     log.info("graph passes:\n%s", "\n".join(describe_passes(passes + post_passes)))
@@ -205,9 +258,22 @@ def _run_stages(config, resolved, loaded, result: RunResult, recorder, run_dir: 
     early, late = split_passes(passes, QUANTIZE_AT)
     with _stage(result, "passes", progress, f"{len(passes)} graph passes", should_stop):
         mod = apply_passes(model.mod, target, early)
+        _record_qdq(mod, recorder, result)
+        if config.sparse != "off":
+            from pipeline.passes.sparse import sparse_stage
+
+            mod, result.sparse = sparse_stage(config, mod, target, late, post_passes, recorder,
+                                              run_dir, progress)
+            if result.sparse.get("sparse_layers"):
+                recorder.tags({"variant": "sparse"})
         if config.quantize == "none":
             mod = apply_passes(mod, target, late)
-    gate = None
+    gate = _qdq_gate(config, model, session) if result.quantization.get("source") == "qdq" else None
+    if config.precision != "fp32":
+        result.precision = config.precision
+        recorder.tags({"variant": config.precision})
+        if not cannot_run:   # judged like int8: agreement with fp32 ONNX Runtime, not the tolerance
+            gate = _qdq_gate(config, model, session)
     if config.quantize == "int8":
         with _stage(result, "quantize", progress, "calibrating and quantizing to int8", should_stop):
             from pipeline.int8 import quantize_stage
@@ -215,8 +281,13 @@ def _run_stages(config, resolved, loaded, result: RunResult, recorder, run_dir: 
             mod, gate = quantize_stage(config, model, mod, target, late, post_passes, session,
                                        recorder, run_dir, result)
     with _stage(result, "tune", progress, "tuning", should_stop):
-        report = tune(mod, target, db_dir, run_dir / "metaschedule", config.budget, settings,
-                      progress, should_stop)
+        runner = None
+        if config.rpc:   # builds stay here; candidates are timed on the tracker's servers
+            from pipeline.rpc import rpc_runner
+
+            runner = rpc_runner(config.rpc, config.rpc_key or "", settings)
+        report = tune(mod, target, db_dir, run_dir / "metaschedule", budget, settings,
+                      progress, should_stop, runner=runner, tuning_db=config.tuning_db)
     if report.stop_reason == "interrupted":
         raise KeyboardInterrupt
     result.tasks, result.trials_new = len(report.tasks), report.trials_new
@@ -229,69 +300,77 @@ def _run_stages(config, resolved, loaded, result: RunResult, recorder, run_dir: 
                          for n, s, est in report.curve]
 
     with _stage(result, "build", progress, "compiling", should_stop):
-        built = build(mod, target, db_dir, post_passes)
+        built = build(mod, target, db_dir, post_passes, tuning_db=config.tuning_db)
         result.scheduled_kernels = f"{built.scheduled_tasks}/{built.total_tasks}"
-        compiled = CompiledModel(built.executable, list(built.params.values()))
-        untuned, plain = None, None
-        if not config.skip_untuned:
+        untuned, plain, compiled = None, None, None
+        if not cannot_run:
+            compiled = CompiledModel(built.executable, list(built.params.values()), device)
+        if not config.skip_untuned and not cannot_run:
             plain = build(mod, target, None, post_passes)
-            untuned = CompiledModel(plain.executable, list(plain.params.values()))
+            untuned = CompiledModel(plain.executable, list(plain.params.values()), device)
 
-    def check_build(candidate):
-        if gate is None:
-            return verify(model, candidate, session, config.tolerance, config.verify_samples,
-                          config.seed)
-        return gate.verify(candidate, recorder, result)
+    if cannot_run:
+        check = _skip_run_checks(config, model, session, cannot_run, result, progress)
+    else:
+        def check_build(candidate):
+            if gate is None:
+                return verify(model, candidate, session, config.tolerance, config.verify_samples,
+                              config.seed)
+            return gate.verify(candidate, recorder, result)
 
-    with _stage(result, "verify", progress, "checking numerics against ONNX Runtime", should_stop):
-        check = check_build(compiled)
-        result.verified, result.verification = check.passed, check.as_dict()
-        recorder.metrics({"verify_max_abs_err": check.max_abs_err,
-                          "verify_max_rel_err": check.max_rel_err,
-                          "verify_min_cosine": check.min_cosine})
-        recorder.tags({"verified": str(check.passed).lower()})
-        if gate is not None:
-            gate.enforce()                     # the accuracy bound, not the fp32 tolerance
-        elif not check.passed:
-            raise VerificationError(
-                f"output mismatch against ONNX Runtime: max relative error {check.max_rel_err:.3g} "
-                f"> tolerance {config.tolerance:g} (max abs {check.max_abs_err:.3g}); not exported")
+        with _stage(result, "verify", progress, "checking numerics against ONNX Runtime", should_stop):
+            check = check_build(compiled)
+            result.verified, result.verification = check.passed, check.as_dict()
+            recorder.metrics({"verify_max_abs_err": check.max_abs_err,
+                              "verify_max_rel_err": check.max_rel_err,
+                              "verify_min_cosine": check.min_cosine})
+            recorder.tags({"verified": str(check.passed).lower()})
+            if gate is not None:
+                gate.enforce()                     # the accuracy bound, not the fp32 tolerance
+            elif not check.passed:
+                raise VerificationError(
+                    f"output mismatch against ONNX Runtime: max relative error {check.max_rel_err:.3g} "
+                    f"> tolerance {config.tolerance:g} (max abs {check.max_abs_err:.3g}); not exported")
 
-    with _stage(result, "measure", progress, "measuring latency (interleaved)", should_stop):
-        feeds = seeded_inputs(model.inputs, config.seed)
-        arrays = [feeds[s.name] for s in model.inputs]
-        runners = {"tuned": _timed(compiled, arrays),
-                   "onnxruntime": lambda: session.run(None, feeds)}
-        openvino = openvino_runner(model.onnx_model, feeds, threads)
-        if openvino is not None:
-            runners["openvino"] = openvino
-        if untuned is not None:
-            runners["untuned"] = _timed(untuned, arrays)
-        stats = measure_interleaved(runners, config.measure)
-        result.latency = {k: v.as_dict() for k, v in stats.items()}
-        result.latency_ms = {k: round(v.median, 4) for k, v in stats.items()}
-        result.speedups = {f"tuned_vs_{k}": round(stats[k].median / stats["tuned"].median, 3)
-                           for k in stats if k != "tuned"}
-        recorder.metrics({**{f"latency_{k}_{s}": v[f"{s}_ms"] for k, v in result.latency.items()
-                             for s in ("median", "p90", "p99")},
-                          **{f"speedup_{k}": v for k, v in result.speedups.items()}})
-        if faster_build(stats) == "untuned" and config.export_fastest:
-            plain_check = check_build(untuned)
-            if plain_check.passed:
-                compiled, built, check = untuned, plain, plain_check
-                result.exported, result.verification = "untuned", plain_check.as_dict()
-                log.info("exporting the default-scheduled build: %.3f ms against %.3f ms tuned",
-                         stats["untuned"].median, stats["tuned"].median)
-        recorder.tags({"exported_build": result.exported})
+        with _stage(result, "measure", progress, "measuring latency (interleaved)", should_stop):
+            feeds = seeded_inputs(model.inputs, config.seed)
+            arrays = [feeds[s.name] for s in model.inputs]
+            runners = {"tuned": _timed(compiled, arrays),
+                       "onnxruntime": lambda: session.run(None, feeds)}
+            openvino = openvino_runner(model.onnx_model, feeds, threads)
+            if openvino is not None:
+                runners["openvino"] = openvino
+            if untuned is not None:
+                runners["untuned"] = _timed(untuned, arrays)
+            stats = measure_interleaved(runners, config.measure)
+            result.latency = {k: v.as_dict() for k, v in stats.items()}
+            result.latency_ms = {k: round(v.median, 4) for k, v in stats.items()}
+            result.speedups = {f"tuned_vs_{k}": round(stats[k].median / stats["tuned"].median, 3)
+                               for k in stats if k != "tuned"}
+            recorder.metrics({**{f"latency_{k}_{s}": v[f"{s}_ms"] for k, v in result.latency.items()
+                                 for s in ("median", "p90", "p99")},
+                              **{f"speedup_{k}": v for k, v in result.speedups.items()}})
+            if faster_build(stats) == "untuned" and config.export_fastest:
+                plain_check = check_build(untuned)
+                if plain_check.passed:
+                    compiled, built, check = untuned, plain, plain_check
+                    result.exported, result.verification = "untuned", plain_check.as_dict()
+                    log.info("exporting the default-scheduled build: %.3f ms against %.3f ms tuned",
+                             stats["untuned"].median, stats["tuned"].median)
+            recorder.tags({"exported_build": result.exported})
 
-    if config.roofline:
-        with _stage(result, "roofline", progress, "per-kernel times against the roofline",
-                    should_stop):
-            result.roofline = _roofline(config, resolved, target, threads, compiled, arrays, built,
-                                        run_dir / "roofline", f"{result.model} on {resolved.preset}")
-            recorder.metrics({"roofline_fraction": result.roofline["fraction"],
-                              "ceiling_peak_gflops": result.roofline["peak_gflops"],
-                              "ceiling_bandwidth_gbs": result.roofline["bandwidth_gbs"]})
+        if config.roofline and device == "cuda":
+            log.warning("roofline skipped: ceilings are measured for CPUs only (the preset lists "
+                        "the GPU's published ones)")
+        elif config.roofline:
+            with _stage(result, "roofline", progress, "per-kernel times against the roofline",
+                        should_stop):
+                result.roofline = _roofline(config, resolved, target, threads, compiled, arrays, built,
+                                            run_dir / "roofline", f"{result.model} on {resolved.preset}")
+                recorder.metrics({"roofline_fraction": result.roofline["fraction"],
+                                  "ceiling_peak_gflops": result.roofline["peak_gflops"],
+                                  "ceiling_bandwidth_gbs": result.roofline["bandwidth_gbs"],
+                                  "ceiling_peak_int8_gops": result.roofline["peak_int8_gops"]})
 
     with _stage(result, "export", progress, "exporting the artifact", should_stop):
         manifest = {"model_sha256": model.sha256, "model_source": config.model,
@@ -299,18 +378,23 @@ def _run_stages(config, resolved, loaded, result: RunResult, recorder, run_dir: 
                     "inputs": [s.as_dict() for s in model.inputs],
                     "outputs": [s.as_dict() for s in model.outputs],
                     "latency_ms": result.latency, "verification": check.as_dict(),
-                    "build": result.exported,
+                    "build": result.exported, "precision": config.precision, "device": device,
                     "tuning": {"tasks": result.tasks, "trials_new": report.trials_new,
                                "trials_reused": report.trials_reused, "database": str(db_dir)},
                     "mlflow_run_id": result.mlflow_run_id}
         folder = export_artifact(config.out, model_name=result.model, preset=resolved.preset,
                                  executable=built.executable, params=built.params, manifest=manifest,
-                                 verify_inputs=check.inputs[0], verify_outputs=check.outputs[0])
+                                 verify_inputs=check.inputs[0], verify_outputs=check.outputs[0],
+                                 cross_compiler=cross_compiler(resolved.target_dict, host.arch))
         result.artifact = str(folder)
         recorder.tags({"artifact": str(folder.resolve())})
         recorder.artifact(folder / "manifest.json", "artifact")
-        if config.register:
-            variant = "int8" if gate is not None else "fp32"
+        if config.register and cannot_run:
+            log.warning("not registered in MLflow: the artifact is unverified (%s)", cannot_run)
+        elif config.register:
+            variant = config.precision if config.precision != "fp32" else \
+                 result.quantization.get("source", "int8") if gate is not None else \
+                "sparse" if result.sparse.get("sparse_layers") else "fp32"
             from pipeline.registry import register_artifact
 
             reg = register_artifact(recorder.client, recorder.run_id, folder, result.model,
@@ -318,6 +402,54 @@ def _run_stages(config, resolved, loaded, result: RunResult, recorder, run_dir: 
                                     check.passed)
             result.registered = f"{reg.name}/{reg.version}"
             recorder.tags({"registered_model": reg.name, "model_version": reg.version})
+
+
+def _skip_run_checks(config, model, session, reason: str, result: RunResult, progress):
+    """verify / measure / roofline for a module this machine cannot run: skipped, with the reason in
+    the run log and the summary; ONNX Runtime's outputs for the verification inputs go into the
+    artifact, for `tune predict --check` on the device."""
+    from pipeline.cross import reference_outputs
+
+    for stage in ("verify", "measure", "roofline"):
+        progress(ProgressEvent(stage, f"skipped: {reason}"))
+        log.info("stage %s skipped: %s", stage, reason)
+    check = reference_outputs(model, session, reason, config.tolerance, config.verify_samples,
+                              config.seed)
+    result.verified, result.verification = False, check.as_dict()
+    return check
+
+
+def _record_qdq(mod, recorder, result: RunResult) -> None:
+    """A pre-quantized (QDQ) model: which layers QDQToInteger put on the integer kernels."""
+    from pipeline.passes.qdq import qdq_summary
+
+    summary = qdq_summary(mod)
+    if summary is None:
+        return
+    lowered, kept = summary["int8"], summary["float"]
+    # The keys an int8 run's summary has, so its consumers (the CLI's report) read either.
+    result.quantization = {"source": "qdq", "calibration": "the model's QDQ scales", "synthetic": False,
+                           "method": "qdq", "int8_layers": len(lowered), "layers": len(lowered) + len(kept),
+                           "int8_macs_fraction": summary["int8_macs_fraction"], "int8": lowered,
+                           "kept_fp32": kept}
+    recorder.tags({"variant": "qdq", "quantization_source": "qdq"})
+    recorder.metrics({"int8_layers": len(lowered), "fp32_layers": len(kept)})
+
+
+def _qdq_gate(config, model, session):
+    """A QDQ model is judged like an int8 build (top-1 agreement / cosine over seeded inputs, bounded
+    by --max-accuracy-drop), against ONNX Runtime running the same QDQ model. Both compute the same
+    integers, but a requantization rounding tie decided the other way moves an output by a whole
+    quantization step (0.7% of the output range on the tests' small CNN), past the fp32 tolerance."""
+    from pipeline.int8 import EVAL_SEED_OFFSET, Int8Gate
+    from pipeline.quantize import eval_set
+    from pipeline.verify import seeded_inputs
+
+    feeds = [seeded_inputs(model.inputs, config.seed + EVAL_SEED_OFFSET + i)
+             for i in range(config.accuracy_samples)]
+    evaluation = eval_set(feeds, lambda feed: session.run(None, feed))
+    return Int8Gate(model, session, evaluation, config.max_accuracy_drop, config.verify_samples,
+                    config.seed)
 
 
 def _roofline(config, resolved, target, threads: int, compiled, arrays, built, out_dir: Path,
@@ -330,11 +462,20 @@ def _roofline(config, resolved, target, threads: int, compiled, arrays, built, o
     points = roofline_points(profile, built.costs, ceilings)
     write_roofline(points, ceilings, out_dir, title)
     return {"fraction": round(weighted_fraction(points), 4), "peak_gflops": ceilings.peak_gflops,
+            "peak_int8_gops": ceilings.peak_int8_gops,
             "bandwidth_gbs": ceilings.bandwidth_gbs, "ridge": round(ceilings.ridge, 2),
             "kernels_ms": round(sum(p.ms for p in points), 3), "dir": str(out_dir),
-            "top": [{"kernel": p.kernel, "share": p.share, "gflops": p.achieved_gflops,
+            "top": [{"kernel": p.kernel, "precision": p.precision, "share": p.share,
+                     "gflops": p.achieved_gflops,
                      "fraction": p.fraction, "bound": p.bound}
                     for p in sorted(points, key=lambda p: -p.share)[:5]]}
+
+
+def _redact(url: str | None) -> str | None:
+    """A database URL without its password (params are visible to everyone with the MLflow store)."""
+    import re
+
+    return None if url is None else re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
 
 
 def _timed(compiled, arrays):

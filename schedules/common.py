@@ -7,13 +7,18 @@ from tvm import s_tir, tirx
 from schedules.analysis import BlockFacts
 
 
-def inline_trivial_copies(sch: s_tir.Schedule, blocks: list[BlockFacts]) -> list[BlockFacts]:
-    """Inline padding stages that pad nothing (1x1 convs): they are pure copies."""
+def inline_prologue(sch: s_tir.Schedule, blocks: list[BlockFacts], anchor: BlockFacts
+                    ) -> list[BlockFacts]:
+    """Inline the stages before the anchor that need no buffer of their own: padding that pads
+    nothing (1x1 convs), and elementwise producers of what only the epilogue reads (an int8
+    residual's dequantize), which then compute inside the epilogue. Returns the rest."""
     from schedules.analysis import is_trivial_copy
 
+    anchor_reads = {r.source.name for r in anchor.block.reads}
     kept = []
     for b in blocks:
-        if is_trivial_copy(b.block):
+        feeds_anchor = any(w.source.name in anchor_reads for w in b.block.writes)
+        if is_trivial_copy(b.block) or not feeds_anchor:
             sch.compute_inline(b.rv)
         else:
             kept.append(b)

@@ -39,7 +39,12 @@ def rule_space(mod, target):
 def default_candidate(ctx, space):
     """The design space at its default decisions with the postprocessors applied: the untuned
     schedule, measured first so a tuned kernel is never slower than the default."""
-    sch = space.copy()
+    from tvm import s_tir
+
+    # Replayed from its trace onto the task, not `space.copy()`: copying a schedule that holds
+    # tensorized blocks fails in 0.27 (unordered_map::at).
+    sch = s_tir.Schedule(ctx.mod)
+    space.trace.apply_to_schedule(sch, remove_postproc=True)
     sch.enter_postproc()          # as MetaSchedule does: replays of the trace drop what follows
     for postproc in ctx.space_generator.postprocs:
         if not postproc.apply(sch):

@@ -41,8 +41,7 @@ def test_digits_int8_keeps_heldout_accuracy(digits):
     assert acc["reference_accuracy"] >= 0.95
     assert acc["drop_points"] <= 1.0
     q = s["quantization"]
-    assert not q["synthetic"] and q["int8_layers"] >= 2        # the two inner convs run in int8
-    assert "conv2d_0" in q["kept_fp32"]                        # 1 input channel: no dot product
+    assert not q["synthetic"] and q["int8_layers"] >= 3        # the 1-channel first conv too
     run = MlflowClient(f"sqlite:///{root / 'mlflow.db'}").get_run(s["mlflow_run_id"])
     assert run.data.tags["variant"] == "int8" and run.data.tags["calibration"] == "data"
     assert run.data.metrics["accuracy_drop_points"] == pytest.approx(acc["drop_points"])

@@ -78,14 +78,15 @@ def _fake_quant(site, x, params):
     return _apply(site, ((q - params.zero_point) * params.scale).astype(np.float32), w) + site.bias
 
 
-@pytest.mark.parametrize("relu_input,stride,padding", [
-    (True, 1, 1),      # post-ReLU input: uint8 with zero point 0, the conv pads with 0
-    (False, 2, 1),     # signed input: zero point != 0, padded explicitly with it
-    (False, 1, 0),
+@pytest.mark.parametrize("relu_input,stride,padding,channels", [
+    (True, 1, 1, 16),      # post-ReLU input: uint8 with zero point 0, the conv pads with 0
+    (False, 2, 1, 16),     # signed input: zero point != 0, padded explicitly with it
+    (False, 1, 0, 16),
+    (False, 2, 3, 3),      # an RGB stem: channels padded to the dot product's 4
 ])
-def test_conv2d_rewrite_matches_fake_quantized_reference(host, relu_input, stride, padding):
+def test_conv2d_rewrite_matches_fake_quantized_reference(host, relu_input, stride, padding, channels):
     rng = np.random.default_rng(0)
-    shape, weight = (1, 10, 10, 16), rng.standard_normal((32, 3, 3, 16)).astype(np.float32)
+    shape, weight = (1, 10, 10, channels), rng.standard_normal((32, 3, 3, channels)).astype(np.float32)
     bias = rng.standard_normal(32).astype(np.float32)
     mod = _conv_module(shape, weight, bias, stride, padding, relu_input)
     x = rng.standard_normal(shape).astype(np.float32)
@@ -168,3 +169,75 @@ def _has_vnni(target) -> bool:
     from schedules.cpu.int8 import VNNI, dot_instruction
 
     return dot_instruction(target) is VNNI
+
+
+def _block_module(shape, w0, w1, pool: bool):
+    """conv0 -> relu -> [max pool] -> conv1 (+ the pool/relu output as a residual): the layout of a
+    ResNet stem and bottleneck block in miniature."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(shape, "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y0 = bb.emit(relax.op.nn.relu(relax.op.nn.conv2d(x, relax.const(w0), padding=1,
+                                                            data_layout="NHWC", kernel_layout="OHWI")))
+            if pool:
+                y0 = bb.emit(relax.op.nn.max_pool2d(y0, 3, 2, 1, layout="NHWC"))
+            y1 = bb.emit(relax.op.nn.conv2d(y0, relax.const(w1), padding=1, data_layout="NHWC",
+                                            kernel_layout="OHWI"))
+            out = bb.emit_output(relax.op.nn.relu(relax.op.add(y1, y0)))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _calls(mod, op_name):
+    import tvm
+
+    op = tvm.ir.Op.get(op_name)
+    found = []
+    relax.analysis.post_order_visit(mod["main"], lambda e: found.append(e) if isinstance(
+        e, relax.Call) and e.op.same_as(op) else None)
+    return found
+
+
+@pytest.mark.parametrize("pool", [False, True])
+def test_residual_and_pool_read_the_8bit_tensor(host, pool):
+    """The residual add reads the dequantized 8-bit tensor the next conv reads, so no float copy of
+    it survives; a max pool before a quantized conv runs on the quantized tensor (they commute)."""
+    rng = np.random.default_rng(5)
+    w0 = rng.standard_normal((16, 3, 3, 16)).astype(np.float32) * 0.2
+    w1 = rng.standard_normal((16, 3, 3, 16)).astype(np.float32) * 0.2
+    mod = _block_module((1, 12, 12, 16), w0, w1, pool)
+    x = rng.standard_normal((1, 12, 12, 16)).astype(np.float32)
+    compile_fn = _compile(host)
+    sites = sites_of(mod)
+    cal = calibrate(mod, sites, CalibrationSet([{"x": x}], "test", False), compile_fn, "minmax",
+                    "uint8", [])
+    from pipeline.quantize import apply_plan
+
+    qmod = apply_plan(mod, cal)
+    assert len(_calls(qmod, "relax.dequantize")) == 1          # the residual's
+    if pool:
+        (pool_call,) = _calls(qmod, "relax.nn.max_pool2d")
+        assert str(pool_call.args[0].ty.dtype) == "uint8"
+    # Scales are kernel arguments (arrays), not literals: tuning records outlive a recalibration.
+    assert all(len(q.args[1].ty.shape) == 1 for q in _calls(qmod, "relax.quantize"))
+    got = compile_fn(qmod)({"x": x})[0]
+    ref = compile_fn(mod)({"x": x})[0]
+    assert np.abs(got - ref).max() <= 0.05 * np.abs(ref).max()
+
+
+def test_weights_stay_within_the_kernels_exact_range(host):
+    """x86 without VNNI (pmaddubsw): weights quantized to [-63, 63] so int16 pair sums never saturate."""
+    rng = np.random.default_rng(6)
+    weight, bias = rng.standard_normal((64, 32)).astype(np.float32), np.zeros(32, np.float32)
+    mod = _matmul_module((1, 8, 64), weight, bias)
+    x = rng.standard_normal((1, 8, 64)).astype(np.float32)
+    sites = sites_of(mod)
+    cal = calibrate(mod, sites, CalibrationSet([{"x": x}], "test", False), _compile(host), "minmax",
+                    "uint8", [], weight_max=63)
+    from pipeline.quantize import apply_plan
+
+    qmod = apply_plan(mod, cal)
+    consts = [c.args[1] for c in _calls(qmod, "relax.matmul")]
+    (wq,) = [c.value.numpy() for c in consts]
+    assert wq.dtype == np.int8 and np.abs(wq).max() == 63

@@ -46,6 +46,38 @@ def test_points_classify_and_weight_kernels():
     assert weighted_fraction(list(points.values())) == pytest.approx(0.5 * 2 / 3 + 0.8 / 3, abs=1e-3)
 
 
+def test_int8_kernels_are_judged_against_the_int8_roof():
+    ceil = Ceilings("x86-test", 2, peak_gflops=200.0, bandwidth_gbs=10.0, cpu="test cpu",
+                    measured_at="2026-11-22T00:00:00+00:00", peak_int8_gops=800.0)
+    profile = KernelProfile([KernelTime("conv_i8", 1, 1.0), KernelTime("conv_f32", 1, 1.0)], runs=1)
+    costs = {"conv_i8": KernelCost(4e8, 1_000_000, "int8"),       # 400 op/B: compute-bound
+             "conv_f32": KernelCost(2e8, 1_000_000)}
+    points = {p.kernel: p for p in roofline_points(profile, costs, ceil)}
+    assert points["conv_i8"].attainable_gflops == 800.0 and points["conv_i8"].fraction == 0.5
+    assert points["conv_f32"].attainable_gflops == 200.0 and points["conv_f32"].fraction == 1.0
+    assert points["conv_i8"].precision == "int8"
+    # 50 op/B is past the fp32 ridge (20) but short of the int8 one (80): memory-bound in int8.
+    costs = {"conv_i8": KernelCost(5e7, 1_000_000, "int8")}
+    (point,) = roofline_points(KernelProfile([KernelTime("conv_i8", 1, 1.0)], runs=1), costs, ceil)
+    assert point.bound == "memory" and point.attainable_gflops == 500.0
+
+
+def test_kernel_costs_tell_integer_kernels_from_float_ones():
+    import tvm
+    from tvm import te
+
+    a = te.placeholder((16, 32), "uint8", "A")
+    b = te.placeholder((32, 16), "int8", "B")
+    k = te.reduce_axis((0, 32), "k")
+    c = te.compute((16, 16), lambda i, j: te.sum(a[i, k].astype("int32") * b[k, j].astype("int32"),
+                                                 axis=k), name="C")
+    x = te.placeholder((16, 32), "float32", "X")
+    q = te.compute((16, 32), lambda i, j: x[i, j].astype("uint8"), name="Q")   # a quantize
+    costs = kernel_costs(tvm.IRModule({"mm": te.create_prim_func([a, b, c]),
+                                       "quantize": te.create_prim_func([x, q])}))
+    assert costs["mm"].precision == "int8" and costs["quantize"].precision == "fp32"
+
+
 def test_kernel_costs_count_flops_and_argument_bytes():
     import tvm
     from tvm import te
@@ -95,3 +127,46 @@ def test_ceilings_are_measured_once_then_cached(tmp_path, monkeypatch):
     monkeypatch.setattr(roofline, "measure_ceilings", no_measuring)
     assert machine_ceilings(resolved.preset, resolved.tvm_target(), 2, tmp_path) == first
     assert np.isfinite(first.peak_gflops)
+    from schedules.cpu.int8 import dot_instruction
+
+    if dot_instruction(resolved.tvm_target()) is not None:     # VNNI here; sdot on ARM
+        assert first.peak_int8_gops > first.peak_gflops and "int8 rule" in first.gemm_int8
+    else:
+        assert first.peak_int8_gops == 0 and "no 8-bit" in first.gemm_int8
+
+
+def test_tensorized_int8_kernels_keep_their_op_count():
+    """The dot instructions of a tensorized kernel are opaque to the FLOP estimate: the count comes
+    from the kernel as it was before scheduling."""
+    import tvm
+    from tvm import relax
+
+    from pipeline import tvm_compat
+    from pipeline.build import build
+    from pipeline.passes import post_tuning_passes
+    from pipeline.targets import resolve_target
+    from schedules.cpu.int8 import dot_instruction
+
+    tvm_compat.apply()
+    target = resolve_target("auto").tvm_target()
+    ins = dot_instruction(target)
+    if ins is None:
+        pytest.skip("this CPU has no 8-bit dot-product instruction")
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 8, 8, 16), ins.a_dtype))
+    w = np.random.default_rng(0).integers(-9, 9, (32, 1, 1, 16)).astype(ins.b_dtype)
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(x, relax.const(w), data_layout="NHWC", kernel_layout="OHWI",
+                                           out_dtype="int32"))
+            out = bb.emit_output(relax.op.astype(y, "float32"))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    for p in (relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+              relax.transform.FuseOps(), relax.transform.FuseTIR(),
+              relax.transform.AttachAttrLayoutFreeBuffers()):
+        mod = p(mod)
+    built = build(mod, target, None, [p for p in post_tuning_passes(True)])
+    assert "int8_dot" in built.default_scheduled.values()
+    (cost,) = [c for c in built.costs.values() if c.precision == "int8"]
+    assert cost.flops >= 2 * 8 * 8 * 32 * 16

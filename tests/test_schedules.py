@@ -225,6 +225,8 @@ def _int8_matmul(a_dtype: str, m=16, n=64, k=64):
 
 @pytest.mark.parametrize("preset,a_dtype,instruction", [
     ("x86-avx512-vnni", "uint8", "vpdpbusd"),      # u8 x s8
+    ("x86-avx512", "uint8", "vpmaddubsw"),         # no VNNI: pmaddubsw + pmaddwd, 512-bit
+    ("x86-avx2", "uint8", "vpmaddubsw"),           # the same in 256 bits
     ("aarch64-dotprod", "int8", "sdot"),            # s8 x s8, cross-compiled
 ])
 def test_int8_rule_emits_the_dot_product_instruction(preset, a_dtype, instruction):
@@ -237,24 +239,33 @@ def test_int8_rule_emits_the_dot_product_instruction(preset, a_dtype, instructio
     assert rule == "int8_dot"
     asm = tvm.tirx.build(sch.mod, target=target).inspect_source("asm")
     assert asm.count(instruction) >= 4
+    if instruction == "vpmaddubsw":
+        assert asm.count("vpmaddwd") >= 4 and "vpdpbusd" not in asm
 
 
-def test_int8_rule_is_exact_with_its_prepacked_weight():
+@pytest.mark.parametrize("preset", ["x86-avx512-vnni", "x86-avx512", "x86-avx2"])
+def test_int8_rule_is_exact_with_its_prepacked_weight(preset):
     """The rule's layout-rewrite block packs the weight inside the kernel here (no graph pass
-    folds it), so running the PrimFunc checks packing and tensorized arithmetic together."""
+    folds it), so running the PrimFunc checks packing and tensorized arithmetic together. Each
+    x86 path runs where the host has its instructions; the weights use the full range the
+    instruction is exact for (pmaddubsw: [-63, 63])."""
     import tvm
 
+    from pipeline.targets import detect_host
     from schedules.apply import default_rules, schedule_func
-    from schedules.cpu.int8 import VNNI, dot_instruction
+    from schedules.cpu.int8 import dot_instruction
 
-    target = resolve_target("auto").tvm_target()
-    if dot_instruction(target) is not VNNI:
-        pytest.skip("this host has no VNNI to run the kernel")
+    target = resolve_target(preset).tvm_target()
+    ins = dot_instruction(target)
+    host = detect_host()
+    if host.arch != "x86_64" or ins.feature not in host.features:
+        pytest.skip(f"this host has no {ins.feature} to run the kernel")
     _, sch = schedule_func(_int8_matmul("uint8", 32, 64, 128), target, default_rules(target))
     lib = tvm.tirx.build(sch.mod, target=target)
     rng = np.random.default_rng(0)
     a = rng.integers(0, 256, (32, 128)).astype(np.uint8)
-    w = rng.integers(-128, 128, (128, 64)).astype(np.int8)
+    w = rng.integers(-ins.weight_max - 1 if ins.weight_max == 127 else -ins.weight_max,
+                     ins.weight_max + 1, (128, 64)).astype(np.int8)
     dev = tvm.cpu()
     c = tvm.runtime.tensor(np.zeros((32, 64), np.int32), dev)
     lib(tvm.runtime.tensor(a, dev), tvm.runtime.tensor(w, dev), c)

@@ -118,3 +118,52 @@ def test_early_stop_after_patience_without_gain():
     other.report.trials_new, other.report.best_us = 48, 90.0   # a real gain resets the clock
     other.note_best(100.0, patience=32)
     assert not other.report.converged and other.wants == 52
+
+
+def test_int8_tasks_are_tuned_in_the_tensorized_space(tmp_path):
+    """MetaSchedule searches the int8 rule's knobs like any other: the candidates are tensorized on
+    the dot instruction, build, measure, and the tuned module computes the exact integer result."""
+    import numpy as np
+    import tvm
+    from tvm import relax
+
+    from pipeline import tvm_compat
+    from pipeline.build import build
+    from pipeline.passes import post_tuning_passes
+    from pipeline.runtime import CompiledModel
+    from pipeline.targets import resolve_target
+    from schedules.cpu.int8 import dot_instruction
+
+    tvm_compat.apply()
+    target = resolve_target("auto").tvm_target()
+    ins = dot_instruction(target)
+    if ins is None:
+        pytest.skip("this CPU has no 8-bit dot-product instruction")
+    rng = np.random.default_rng(0)
+    w = rng.integers(-20, 20, (32, 3, 3, 16)).astype(ins.b_dtype)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 8, 8, 16), ins.a_dtype))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(x, relax.const(w), padding=[1, 1], data_layout="NHWC",
+                                           kernel_layout="OHWI", out_dtype="int32"))
+            out = bb.emit_output(relax.op.astype(y, "float32"))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    for p in (relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+              relax.transform.FuseOps(), relax.transform.FuseTIR(),
+              relax.transform.AttachAttrLayoutFreeBuffers()):
+        mod = p(mod)
+    report = tune(mod, target, tmp_path / "db", tmp_path / "logs", TuneBudget(trials=4), FAST)
+    int8_tasks = [t for t in report.tasks if t.rule == "int8_dot"]
+    assert int8_tasks and all(t.best_us is not None and t.trials_new >= 2 for t in int8_tasks)
+    built = build(mod, target, tmp_path / "db", post_tuning_passes(True))
+    assert built.scheduled_tasks >= 1
+    xs = rng.integers(0, 100, (1, 8, 8, 16)).astype(ins.a_dtype)
+    (got,) = CompiledModel(built.executable, list(built.params.values()))([xs])
+    padded = np.pad(xs.astype(np.int64), [(0, 0), (1, 1), (1, 1), (0, 0)])
+    ref = np.zeros((1, 8, 8, 32), np.int64)
+    for dy in range(3):
+        for dx in range(3):
+            ref += padded[:, dy:dy + 8, dx:dx + 8, :] @ w[:, dy, dx, :].T.astype(np.int64)
+    np.testing.assert_array_equal(got, ref.astype(np.float32))

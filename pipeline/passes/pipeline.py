@@ -42,15 +42,20 @@ def _winograd_pass(winograd: bool):
     return WinogradConv2D if winograd else transform.Sequential([], name="NoWinograd")
 
 
-def graph_passes(layout: str = "NCHW", prepack: bool = False, winograd: bool = False
-                 ) -> list[NamedPass]:
+def graph_passes(layout: str = "NCHW", prepack: bool = False, winograd: bool = False,
+                 precision: str = "fp32") -> list[NamedPass]:
     from tvm.relax import transform as T
 
     from pipeline.passes.clip_ops import ClipCallTIRToOps
+    from pipeline.passes.qdq import QDQToInteger, RecordQDQWeights
+    from pipeline.precision import mixed_precision_pass
 
     return [
         NamedPass("ClipCallTIRToOps", "ReLU6 as Relax max/min ops, so the layout change and fusion "
                   "see through it (the ONNX frontend emits call_tir)", lambda: ClipCallTIRToOps),
+        NamedPass("RecordQDQWeights", "pre-quantized (QDQ) models: keep each weight's int8 values and "
+                  "scales before FoldConstant folds its dequantize (no-op without QDQ)",
+                  lambda: RecordQDQWeights),
         NamedPass("FoldBatchnormToConv2D", "fold BN into the preceding conv's weights (the import "
                   "already fused Conv+BN in ONNX; this catches the rest)", T.FoldBatchnormToConv2D),
         NamedPass("FoldConstant", "materialise the folded weights (ConvertLayout needs constants)",
@@ -62,12 +67,18 @@ def graph_passes(layout: str = "NCHW", prepack: bool = False, winograd: bool = F
         NamedPass(f"ConvertLayout({layout})", "the data layout the target's conv schedules want",
                   lambda: _layout_pass(layout)),
         NamedPass("FoldConstant", "fold weight transposes from the layout change", T.FoldConstant),
+        NamedPass("QDQToInteger", "QDQ models: conv2d / matmul between quantize/dequantize pairs to "
+                  "the integer kernels, at the model's own scales (no-op without QDQ)",
+                  lambda: QDQToInteger),
         NamedPass(f"WinogradConv2D({'on' if winograd else 'off'})", "3x3 stride-1 convs as Winograd "
                   "F(4x4) / F(2x2): 2.25-4x fewer multiplies, weights transformed at compile time",
                   lambda: _winograd_pass(winograd)),
         NamedPass("FastMathTransform", "erf, exp, tanh and softmax as vectorizable polynomial "
                   "approximations (libm's erff is scalar: BERT-mini's GELU kernel took 2x its "
                   "matmul); verification checks the result", T.FastMathTransform),
+        NamedPass(f"ToMixedPrecision({precision})", "--precision fp16|bf16: conv2d / matmul operands "
+                  "in half precision, accumulated in fp32; elementwise ops between them in half "
+                  "precision (empty for fp32)", lambda: mixed_precision_pass(precision)),
         NamedPass("LegalizeOps", "lower each Relax op to a TIR PrimFunc", T.LegalizeOps),
         NamedPass("AnnotateTIROpPattern", "classify kernels (injective, reduction, ...) for fusion",
                   T.AnnotateTIROpPattern),
@@ -82,13 +93,13 @@ def graph_passes(layout: str = "NCHW", prepack: bool = False, winograd: bool = F
     ]
 
 
-def preset_passes(tuning: dict, winograd: bool | None = None) -> tuple[list[NamedPass],
-                                                                       list[NamedPass]]:
+def preset_passes(tuning: dict, winograd: bool | None = None, precision: str = "fp32"
+                  ) -> tuple[list[NamedPass], list[NamedPass]]:
     """(graph passes, post-tuning passes) for a target preset's `tuning` section; `winograd`
     overrides the preset's choice when not None."""
     prepack = bool(tuning.get("weight_prepack", False))
     use_winograd = bool(tuning.get("winograd", False)) if winograd is None else winograd
-    return (graph_passes(tuning.get("layout", "NCHW"), prepack, use_winograd),
+    return (graph_passes(tuning.get("layout", "NCHW"), prepack, use_winograd, precision),
             post_tuning_passes(prepack))
 
 

@@ -10,7 +10,8 @@ def cpu_rules() -> list:
     from schedules.cpu.generic import ChannelsLastReduction, Injective
     from schedules.cpu.int8 import Int8Dot
     from schedules.cpu.matmul import Matmul
+    from schedules.cpu.sparse import BsrMatmul
     from schedules.cpu.winograd import WinogradInputTransform, WinogradOutputTransform
 
     # DLight's CPU Reduction covers softmax / layer norm (row reductions): no need to write our own.
-    return [WinogradInputTransform(), WinogradOutputTransform(), Int8Dot(), Conv2DNHWC(), Matmul(), ChannelsLastReduction(), Reduction(), Injective()]
+    return [BsrMatmul(), WinogradInputTransform(), WinogradOutputTransform(), Int8Dot(), Conv2DNHWC(), Matmul(), ChannelsLastReduction(), Reduction(), Injective()]

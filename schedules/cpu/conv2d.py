@@ -21,7 +21,7 @@ from schedules.analysis import BlockFacts, block_facts, index_vars, vector_lanes
 from schedules.common import (
     extents,
     fold_epilogue,
-    inline_trivial_copies,
+    inline_prologue,
     schedule_injective,
     tile_epilogue,
     vectorize_register_tile,
@@ -93,7 +93,7 @@ def schedule_conv2d_nhwc(sch: s_tir.Schedule, match: ConvMatch, target, tunable:
     anchor = match.anchor.rv
     knobs = Knobs(sch, tunable)
 
-    prologue = inline_trivial_copies(sch, match.prologue)
+    prologue = inline_prologue(sch, match.prologue, match.anchor)
     last = fold_epilogue(sch, match.epilogue)
     if last is None:
         last = sch.cache_write(anchor, 0, "global")

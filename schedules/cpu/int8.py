@@ -1,6 +1,9 @@
 """Integer conv2d (NHWC) and matmul on the CPU's dot-product instruction (x86 VNNI `vpdpbusd`,
 ARM `sdot`): `lanes` int32 accumulators, each adding a `depth`-element dot product of 8-bit values
-per instruction.
+per instruction. x86 CPUs without VNNI get the same product from two instructions (AVX-512BW /
+AVX2 `pmaddubsw`: u8 x s8 pairs summed to int16, then `pmaddwd` with ones: pairs of those to
+int32); the int16 sum saturates for 255 x 127 x 2, so their weights are quantized to [-63, 63]
+(`weight_max`), as ONNX Runtime's `reduce_range` does for the same reason.
 
 The kernel is the fp32 micro-kernel of conv2d.py / matmul.py with the vector FMA replaced by the
 dot instruction: an `m_i x (n_r * lanes)` int32 tile in registers; per step one weight vector
@@ -26,7 +29,7 @@ from schedules.analysis import BlockFacts, block_facts
 from schedules.common import (
     extents,
     fold_epilogue,
-    inline_trivial_copies,
+    inline_prologue,
     schedule_injective,
     tile_epilogue,
 )
@@ -44,21 +47,29 @@ class DotInstruction:
     depth: int            # 8-bit products summed into each accumulator
     a_dtype: str          # the activation operand (broadcast)
     b_dtype: str          # the weight operand (vector)
-    llvm_intrinsic: str
+    llvm_intrinsic: str   # acc' = f(acc, a, b); or, with `widen`, pairs = f(a, b) summed by `widen`
+    widen: str = ""       # int16 pairs -> int32 (pmaddwd with ones), added to acc
+    weight_max: int = 127  # |quantized weight| bound that keeps the instruction exact
 
     def intrin_name(self, scope: str) -> str:
         return f"tvm_autotune.{self.name}_{self.lanes}x{self.depth}_{scope}"
 
 
 VNNI = DotInstruction("vpdpbusd", "avx512vnni", 16, 4, "uint8", "int8", "llvm.x86.avx512.vpdpbusd.512")
+AVX512BW = DotInstruction("pmaddubsw512", "avx512bw", 16, 4, "uint8", "int8",
+                          "llvm.x86.avx512.pmaddubs.w.512", "llvm.x86.avx512.pmaddw.d.512", 63)
+AVX2 = DotInstruction("pmaddubsw256", "avx2", 8, 4, "uint8", "int8", "llvm.x86.avx2.pmadd.ub.sw",
+                      "llvm.x86.avx2.pmadd.wd", 63)
 SDOT = DotInstruction("sdot", "dotprod", 4, 4, "int8", "int8", "llvm.aarch64.neon.sdot.v4i32.v16i8")
-INSTRUCTIONS = (VNNI, SDOT)
+INSTRUCTIONS = (VNNI, AVX512BW, AVX2, SDOT)     # the first the target has is used
 
 
 def _register(ins: DotInstruction, scope: str) -> str:
     lanes, depth, a_dt, b_dt = ins.lanes, ins.depth, ins.a_dtype, ins.b_dtype
     word = f"{a_dt}x{depth}"
     a_vec, b_vec, acc_vec = f"{a_dt}x{lanes * depth}", f"{b_dt}x{lanes * depth}", f"int32x{lanes}"
+    pairs_vec = f"int16x{lanes * depth // 2}"
+    two_step = bool(ins.widen)
 
     @T.prim_func(s_tir=True)
     def desc(A: T.Buffer((depth,), a_dt, offset_factor=1),
@@ -83,9 +94,16 @@ def _register(ins: DotInstruction, scope: str) -> str:
             # The `depth` activation bytes as one 32-bit word, broadcast to every lane.
             a = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], word), dtype="int32"), lanes),
                               dtype=a_vec)
-            C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id(ins.llvm_intrinsic),
-                C.vload([0], dtype=acc_vec), a, B.vload([0, 0], dtype=b_vec), dtype=acc_vec)
+            if two_step:
+                pairs = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(ins.llvm_intrinsic), a,
+                                                B.vload([0, 0], dtype=b_vec), dtype=pairs_vec)
+                C[T.ramp(T.int32(0), 1, lanes)] = C.vload([0], dtype=acc_vec) + T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id(ins.widen), pairs,
+                    T.broadcast(T.int16(1), lanes * depth // 2), dtype=acc_vec)
+            else:
+                C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id(ins.llvm_intrinsic),
+                    C.vload([0], dtype=acc_vec), a, B.vload([0, 0], dtype=b_vec), dtype=acc_vec)
 
     name = ins.intrin_name(scope)
     TensorIntrin.register(name, desc, impl, override=True)
@@ -162,7 +180,7 @@ def schedule_int8(sch: s_tir.Schedule, match: IntMatch, ins: DotInstruction, tar
     lanes, depth = ins.lanes, ins.depth
     knobs = Knobs(sch, tunable)
     anchor = match.anchor.rv
-    prologue = inline_trivial_copies(sch, match.prologue)
+    prologue = inline_prologue(sch, match.prologue, match.anchor)
     last = fold_epilogue(sch, match.epilogue)
     if last is None:
         last = sch.cache_write(anchor, 0, "global")
