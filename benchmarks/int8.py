@@ -1,6 +1,7 @@
 """Benchmark: int8 against fp32 on this CPU. One process, same threads, same calibration data:
 
-    TVM int8      `--quantize int8` as `tune run` builds it (calibration, rewrite, int8 kernels)
+    TVM int8      `--quantize int8` as `tune run` builds it (calibration, rewrite, int8 kernels),
+                  with the preset's tuning records; "tvm_int8_default": the same without them
     TVM fp32      the fp32 build with the preset's tuning database (shipped logs: "tuned fp32")
     ORT fp32      ONNX Runtime on the model as given (graph optimisation ALL)
     ORT int8      ONNX Runtime on its own static quantization of the model (QDQ, per-channel)
@@ -45,6 +46,8 @@ def main() -> None:
     p.add_argument("--eval-samples", type=int, default=100)
     p.add_argument("--method", default="percentile")
     p.add_argument("--target", default="auto", help="preset: x86-avx512 runs the non-VNNI path here")
+    p.add_argument("--tuning-logs", type=Path, default=ROOT / "tuning_logs",
+                   help="MetaSchedule databases (fp32 and int8 records) both builds use")
     p.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     args = p.parse_args()
 
@@ -55,7 +58,7 @@ def main() -> None:
     model = import_model(args.model)
     passes, post = preset_passes(resolved.tuning)
     early, late = split_passes(passes, QUANTIZE_AT)
-    db = ROOT / "tuning_logs" / resolved.preset
+    db = args.tuning_logs / resolved.preset
     names = [s.name for s in model.inputs]
 
     def compiled(mod, database=None):
@@ -74,6 +77,7 @@ def main() -> None:
                              QuantizeSettings(args.method), activation_dtype(target),
                              weight_max(target))
     tvm_int8, tvm_fp32 = compiled(outcome.mod, db), compiled(pre, db)
+    tvm_int8_default = compiled(outcome.mod)        # our default int8 schedules, no tuning records
 
     import onnxruntime as ort
     q_onnx = ort_static_int8(model.onnx_model, calib.samples)
@@ -90,11 +94,9 @@ def main() -> None:
     feed = seeded_inputs(model.inputs, 0)
     arrays = [feed[n] for n in names]
 
-    def timed(cm):
-        dev_args = cm.to_device(arrays)
-        return lambda: (cm.run_device(dev_args), cm.device.sync())
-
-    stats = measure_interleaved({"tvm_int8": timed(tvm_int8), "tvm_fp32": timed(tvm_fp32),
+    stats = measure_interleaved({"tvm_int8": tvm_int8.timed_call(arrays),
+                                 "tvm_int8_default": tvm_int8_default.timed_call(arrays),
+                                 "tvm_fp32": tvm_fp32.timed_call(arrays),
                                  "ort_fp32": lambda: session.run(None, feed),
                                  "ort_int8": lambda: ort_int8.run(None, feed)},
                                 MeasureSettings(repeats=100, max_seconds=15.0))

@@ -32,26 +32,17 @@ MODELS = {"bert-mini": {},
           "bert-base-layer": {"hidden": 768, "heads": 12, "layers": 1}}
 
 
-def _build(mod, target, late, post):
+def _build(mod, target, late, post, database=None):
     from pipeline.build import build
     from pipeline.passes import apply_passes
     from pipeline.runtime import CompiledModel
 
-    built = build(apply_passes(mod, target, late), target, None, post)
+    built = build(apply_passes(mod, target, late), target, database, post)
     return CompiledModel(built.executable, list(built.params.values()))
 
 
-def _runner(compiled, arrays):
-    args = compiled.to_device(arrays)
-
-    def call():
-        compiled.run_device(args)
-        compiled.device.sync()
-    return call
-
-
 def bench_model(name: str, options: dict, sparsities: list[float], block, target, resolved,
-                threads: int, settings, log) -> list[dict]:
+                threads: int, settings, log, database=None) -> list[dict]:
     import numpy as np
 
     from pipeline.importer import import_model
@@ -74,14 +65,14 @@ def bench_model(name: str, options: dict, sparsities: list[float], block, target
         arrays = [feeds[s.name] for s in model.inputs]
         session = onnxruntime_session(model, threads=threads)
         if dense is None:            # dense latency does not depend on the weight values
-            dense = _build(mod, target, late, post)
+            dense = _build(mod, target, late, post, database)
         t0 = time.perf_counter()
         sparse_mod, decisions = sparsify(mod, target, SparseSettings("on", 0.0, block))
-        sparse = _build(sparse_mod, target, late, post)
+        sparse = _build(sparse_mod, target, late, post, database)
         ref = session.run(None, feeds)[0]
         err = float(np.abs(sparse([*arrays])[0] - ref).max())
         dense_err = float(np.abs(dense([*arrays])[0] - ref).max()) if sparsity == 0 else None
-        stats = measure_interleaved({"sparse": _runner(sparse, arrays), "dense": _runner(dense, arrays),
+        stats = measure_interleaved({"sparse": sparse.timed_call(arrays), "dense": dense.timed_call(arrays),
                                      "onnxruntime": lambda s=session, f=feeds: s.run(None, f)},
                                     settings)
         layers = []
@@ -152,6 +143,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--tuning-logs", type=Path, default=None,
+                    help="end to end: both builds use this root's <preset> tuning records (tuned "
+                         "dense); default: our default schedules on both")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "sparse-sweep.json")
     args = ap.parse_args()
 
@@ -169,10 +163,11 @@ def main() -> None:
     block = parse_block(args.block)
     sparsities = [float(s) for s in args.sparsities.split(",")]
     settings = MeasureSettings(repeats=args.repeats, max_seconds=4.0, burst=3)
+    database = args.tuning_logs / resolved.preset if args.tuning_logs else None
     rows = []
     for name in args.models.split(","):
         rows += bench_model(name, MODELS[name], sparsities, block, target, resolved, threads,
-                            settings, lambda s: print(s, flush=True))
+                            settings, lambda s: print(s, flush=True), database)
     summary = {m: {"break_even_linear": break_even([r for r in rows if r["model"] == m], "linear_speedup"),
                    "break_even_e2e_vs_dense": break_even([r for r in rows if r["model"] == m],
                                                          "e2e_speedup_vs_dense"),
@@ -180,7 +175,9 @@ def main() -> None:
                                                        "e2e_speedup_vs_ort")}
                for m in args.models.split(",")}
     result = {"target": resolved.preset, "threads": threads, "block": list(block),
-              "dense_baseline": "our default schedules (untuned, --trials 0 build), no tuning database",
+              "dense_baseline": f"end to end: tuning records of {database}; per layer: our default "
+                                "schedules" if database else
+                                "our default schedules (untuned, --trials 0 build), no tuning database",
               "sparse": "--sparse on: every pruned linear as BSR (threshold 0)",
               "rows": rows, "break_even": summary}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -98,14 +98,18 @@ def read_manifest(folder: Path) -> dict:
         raise UserError(f"{path} is corrupt: {exc}") from exc
 
 
-def load_artifact(folder: Path, device: str = "cpu") -> LoadedArtifact:
-    """Check every file's sha256 against the manifest, then load the library and params."""
+def load_artifact(folder: Path, device: str | None = None) -> LoadedArtifact:
+    """Check every file's sha256 against the manifest, then load the library and params (on the
+    artifact's device: a one-line UserError when this machine lacks it, e.g. an aarch64 build on x86
+    or a CUDA build without a GPU)."""
     import tvm
 
+    from pipeline.cross import artifact_device
     from pipeline.runtime import CompiledModel, physical_cores, use_threads
 
     use_threads(physical_cores())
     manifest = read_manifest(folder)
+    device = device or artifact_device(manifest)
     for name, digest in manifest["files"].items():
         path = folder / name
         if not path.is_file():

@@ -128,7 +128,7 @@ def unsupported(site: QuantSite) -> str:
         in_ch, out_ch = site.weight.shape
     if site.kind == "matmul" and in_ch % 4:
         return f"input features {in_ch} not a multiple of 4 (dot-product depth)"
-    if out_ch % 16:
+    if site.kind == "conv2d" and out_ch % 16:
         return f"output channels {out_ch} not a multiple of 16 (vector lanes)"
     return ""
 

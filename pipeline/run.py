@@ -335,13 +335,13 @@ def _run_stages(config, resolved, loaded, result: RunResult, recorder, run_dir: 
         with _stage(result, "measure", progress, "measuring latency (interleaved)", should_stop):
             feeds = seeded_inputs(model.inputs, config.seed)
             arrays = [feeds[s.name] for s in model.inputs]
-            runners = {"tuned": _timed(compiled, arrays),
+            runners = {"tuned": compiled.timed_call(arrays),
                        "onnxruntime": lambda: session.run(None, feeds)}
             openvino = openvino_runner(model.onnx_model, feeds, threads)
             if openvino is not None:
                 runners["openvino"] = openvino
             if untuned is not None:
-                runners["untuned"] = _timed(untuned, arrays)
+                runners["untuned"] = untuned.timed_call(arrays)
             stats = measure_interleaved(runners, config.measure)
             result.latency = {k: v.as_dict() for k, v in stats.items()}
             result.latency_ms = {k: round(v.median, 4) for k, v in stats.items()}
@@ -476,12 +476,3 @@ def _redact(url: str | None) -> str | None:
     import re
 
     return None if url is None else re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
-
-
-def _timed(compiled, arrays):
-    device_args = compiled.to_device(arrays)
-
-    def call():
-        compiled.run_device(device_args)
-        compiled.device.sync()
-    return call

@@ -46,13 +46,16 @@ class Preset:
     target: dict
     host: dict | None = None
     tuning: dict = field(default_factory=dict)
+    schedules: str = ""         # the default schedule rules and tuning space that suit it
+    ceilings: dict = field(default_factory=dict)   # published peak compute / bandwidth, if known
 
     @classmethod
     def from_file(cls, path: Path) -> Preset:
         d = json.loads(path.read_text())
         return cls(name=d["name"], description=d["description"], arch=d["arch"],
                    requires=tuple(d["requires"]), rank=int(d["rank"]), target=d["target"],
-                   host=d.get("host"), tuning=d.get("tuning", {}))
+                   host=d.get("host"), tuning=d.get("tuning", {}), schedules=d.get("schedules", ""),
+                   ceilings=d.get("ceilings", {}))
 
 
 @dataclass(frozen=True)
@@ -101,7 +104,7 @@ def _detect_cuda() -> tuple[str | None, str | None]:
         dev = tvm.cuda(0)
         if dev.exist:
             return "sm_" + dev.compute_version.replace(".", ""), dev.device_name
-    except Exception as exc:  # no libcuda, no driver: simply no GPU
+    except Exception as exc:  # noqa: BLE001  no libcuda, no driver: simply no GPU
         log.debug("no CUDA device: %s", exc)
     return None, None
 
@@ -135,7 +138,8 @@ def pick_auto(host: HostInfo, presets: dict[str, Preset]) -> tuple[Preset, str]:
                and int(p.requires[0][3:]) <= int(host.cuda_arch[3:])]
         if gpu:
             best = max(gpu, key=lambda p: p.rank)
-            return best, f"CUDA device {host.cuda_name} ({host.cuda_arch}) found"
+            return best, (f"CUDA device {host.cuda_name} ({host.cuda_arch}) found: picked CUDA "
+                          f"{best.requires[0]} over the {host.arch} CPU")
     cpu = [p for p in presets.values() if p.arch == host.arch and set(p.requires) <= host.features]
     if not cpu:
         raise UserError(f"no preset in {PRESETS_DIR} matches this {host.arch} CPU; "

@@ -33,6 +33,8 @@ class TuneBudget:
                                            # (None: trials_per_task x number of tasks)
     trials_per_task: int | None = None     # cap per task; default: trials spread evenly
     time_budget_s: float | None = None     # stop starting batches when this runs out
+    new_trials: int | None = None          # nightly: this many trials on top of what the database
+                                           # has (overrides trials and trials_per_task)
 
     def total(self, n_tasks: int) -> int:
         if self.trials is not None:
@@ -161,12 +163,17 @@ def repair_database(directory: Path) -> None:
             path.write_bytes(data[:cut])
 
 
-def open_database(directory: Path):
-    """The preset's working database, with the shipped records merged in on first use."""
+def open_database(directory: Path, url: str | None = None):
+    """The preset's working database, with the shipped records merged in on first use; with `url`
+    (postgresql://...) the shared PostgreSQL store instead (pipeline/tuning_db.py)."""
     from tvm.s_tir import meta_schedule as ms
 
     from pipeline.logs import merge_shipped
 
+    if url:
+        from pipeline.tuning_db import open_postgres
+
+        return open_postgres(url)
     directory.mkdir(parents=True, exist_ok=True)
     repair_database(directory)
     merge_shipped(directory)
@@ -306,6 +313,18 @@ def _batch_limit(task: _Task, open_tasks: list[_Task], remaining: int) -> int:
     return remaining
 
 
+def _raise_caps(tasks: list[_Task], left: int) -> list[_Task]:
+    """Nightly budgets: tasks that ran out of search space mid-run leave trials over; share them
+    among the tasks that can still be searched, so a night spends what it was given."""
+    searchable = [t for t in tasks if not (t.report.exhausted or t.report.converged)]
+    if not searchable or left <= 0:
+        return []
+    share = math.ceil(left / len(searchable))
+    for t in searchable:
+        t.cap = max(t.cap, t.report.trials) + share
+    return [t for t in tasks if t.wants > 0]
+
+
 def _allot(budget: TuneBudget, n_tasks: int) -> int:
     if budget.trials_per_task is not None:
         return budget.trials_per_task
@@ -314,22 +333,42 @@ def _allot(budget: TuneBudget, n_tasks: int) -> int:
 
 def tune(mod, target, database_dir: Path, log_dir: Path, budget: TuneBudget,
          settings: SearchSettings = SearchSettings(), progress: ProgressCallback = no_progress,
-         should_stop: Callable[[], bool] = lambda: False) -> TuneReport:
-    """Tune every task of `mod` (a fused, legalized Relax module) into the database at `database_dir`.
+         should_stop: Callable[[], bool] = lambda: False, runner=None,
+         tuning_db: str | None = None) -> TuneReport:
+    """Tune every task of `mod` (a fused, legalized Relax module) into the database at `database_dir`
+    (or the PostgreSQL store `tuning_db`), measuring with `runner` (default: a LocalRunner; see
+    pipeline/rpc.py for a tracker's servers).
 
     Every finished measurement is in the database when this returns or raises (KeyboardInterrupt
-    included); a second call with the same budget measures nothing new.
+    included); a second call with the same budget measures nothing new. A JSON database is locked
+    for the whole call: a second process on the same folder waits, then resumes from its records.
     """
+    from pipeline.tuning_db import database_lock
+
+    if tuning_db:   # PostgreSQL serialises writers itself; hosts share it while they tune
+        return _tune(mod, target, database_dir, log_dir, budget, settings, progress, should_stop,
+                     runner, tuning_db)
+    with database_lock(database_dir, on_wait=lambda: progress(ProgressEvent(
+            "tune", f"waiting for {database_dir}: another process is tuning into it"))):
+        return _tune(mod, target, database_dir, log_dir, budget, settings, progress, should_stop,
+                     runner, None)
+
+
+def _tune(mod, target, database_dir: Path, log_dir: Path, budget: TuneBudget, settings: SearchSettings,
+          progress: ProgressCallback, should_stop: Callable[[], bool], runner,
+          tuning_db: str | None) -> TuneReport:
     from tvm.s_tir import meta_schedule as ms
     from tvm.s_tir.analysis import estimate_tir_flops
 
     from pipeline.logs import shipped_trials
+    from pipeline.tuning_db import dropped_trials
 
     start = time.perf_counter()
     extracted = extract_tasks(mod, target)
-    db = open_database(database_dir)
+    db = open_database(database_dir, tuning_db)
     stats = record_stats(db)
     spent = shipped_trials(database_dir)
+    compacted = dropped_trials(db, database_dir)   # records compaction removed still were trials
     exhausted = _ExhaustedTasks(database_dir)
     cap = _allot(budget, len(extracted))
     tasks: list[_Task] = []
@@ -337,12 +376,23 @@ def tune(mod, target, database_dir: Path, log_dir: Path, budget: TuneBudget,
         mod_t = t.dispatched[0]
         key = workload_key(mod_t)
         n, best = stats.get(key, (0, None))
-        n = max(n, spent.get(key, 0))
+        n = max(n + compacted.get(key, 0), spent.get(key, 0))
         report = TaskReport(name=t.task_name, weight=int(t.weight),
                             flops=float(estimate_tir_flops(mod_t)), trials_before=n,
                             best_us=None if best is None else best * 1e6,
                             exhausted=key in exhausted.keys)
         tasks.append(_Task(report, mod_t, key, cap, improved_at=n))
+    nightly = budget.new_trials is not None
+    if nightly:
+        # a nightly budget: fill the tasks that can still be searched up evenly towards (what they
+        # have + new_trials); exhausted tasks would otherwise hold a share nobody spends
+        searchable = [t for t in tasks if not t.report.exhausted] or tasks
+        cap = _allot(TuneBudget(trials=sum(t.report.trials_before for t in searchable) + budget.new_trials),
+                     len(searchable))
+        for t in tasks:
+            t.cap = cap
+        budget = TuneBudget(trials=budget.new_trials + sum(min(t.report.trials_before, cap) for t in tasks),
+                            time_budget_s=budget.time_budget_s)
     reused = sum(min(t.report.trials_before, cap) for t in tasks)
     total = budget.total(len(tasks))
     allowed = max(0, total - reused) if total > 0 else 0
@@ -357,7 +407,7 @@ def tune(mod, target, database_dir: Path, log_dir: Path, budget: TuneBudget,
 
     cost_model = _load_cost_model(database_dir, _cores(target))
     builder = WarmBuilder(max_workers=_cores(target), timeout_sec=settings.builder_timeout_s)
-    runner = ms.runner.LocalRunner(
+    runner = runner or ms.runner.LocalRunner(
         timeout_sec=settings.runner_timeout_s,
         evaluator_config=ms.runner.EvaluatorConfig(number=settings.runner_number, repeat=1,
                                                    min_repeat_ms=settings.runner_min_repeat_ms,
@@ -375,6 +425,8 @@ def tune(mod, target, database_dir: Path, log_dir: Path, budget: TuneBudget,
                     report.stop_reason = "time"
                     break
                 open_tasks = [t for t in tasks if t.wants > 0]
+                if not open_tasks and nightly:
+                    open_tasks = _raise_caps(tasks, allowed - done)
                 if not open_tasks:
                     break
                 task = max(open_tasks, key=_Task.priority)
@@ -446,7 +498,7 @@ def _load_cost_model(database_dir: Path, cores: int):
 
 
 def _save_cost_model(model, database_dir: Path) -> None:
-    tmp = database_dir / (COST_MODEL_FILE + ".tmp")
+    tmp = database_dir / f"{COST_MODEL_FILE}.{os.getpid()}.tmp"   # hosts sharing a folder never collide
     try:
         model.save(str(tmp))
         tmp.replace(database_dir / COST_MODEL_FILE)

@@ -241,3 +241,21 @@ def test_weights_stay_within_the_kernels_exact_range(host):
     consts = [c.args[1] for c in _calls(qmod, "relax.matmul")]
     (wq,) = [c.value.numpy() for c in consts]
     assert wq.dtype == np.int8 and np.abs(wq).max() == 63
+
+
+def test_matmul_with_odd_output_features_is_padded_and_sliced(host):
+    """A 1000-class head: N padded to the kernel's 16 lanes with zero weights, the result sliced."""
+    rng = np.random.default_rng(7)
+    weight, bias = rng.standard_normal((64, 20)).astype(np.float32), rng.standard_normal(20).astype(np.float32)
+    mod = _matmul_module((1, 64), weight, bias)
+    x = rng.standard_normal((1, 64)).astype(np.float32)
+    compile_fn = _compile(host)
+    sites = sites_of(mod)
+    cal = calibrate(mod, sites, CalibrationSet([{"x": x}], "test", False), compile_fn, "minmax", "uint8", [])
+    assert cal.layers["matmul_0"].int8
+    from pipeline.quantize import apply_plan
+
+    got = compile_fn(apply_plan(mod, cal))({"x": x})[0]
+    assert got.shape == (1, 20)
+    ref = _fake_quant(sites[0], x, cal.plan.activations["matmul_0"])
+    assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()

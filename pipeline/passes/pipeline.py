@@ -42,6 +42,12 @@ def _winograd_pass(winograd: bool):
     return WinogradConv2D if winograd else transform.Sequential([], name="NoWinograd")
 
 
+def _legalize_ops():
+    from pipeline.passes.legalize import legalize_ops
+
+    return legalize_ops()
+
+
 def graph_passes(layout: str = "NCHW", prepack: bool = False, winograd: bool = False,
                  precision: str = "fp32") -> list[NamedPass]:
     from tvm.relax import transform as T
@@ -79,7 +85,8 @@ def graph_passes(layout: str = "NCHW", prepack: bool = False, winograd: bool = F
         NamedPass(f"ToMixedPrecision({precision})", "--precision fp16|bf16: conv2d / matmul operands "
                   "in half precision, accumulated in fp32; elementwise ops between them in half "
                   "precision (empty for fp32)", lambda: mixed_precision_pass(precision)),
-        NamedPass("LegalizeOps", "lower each Relax op to a TIR PrimFunc", T.LegalizeOps),
+        NamedPass("LegalizeOps", "lower each Relax op to a TIR PrimFunc (quantize: times the "
+                  "reciprocal scale, not a per-element division)", _legalize_ops),
         NamedPass("AnnotateTIROpPattern", "classify kernels (injective, reduction, ...) for fusion",
                   T.AnnotateTIROpPattern),
         NamedPass("FoldConstant", "fold TIR computations on constants", T.FoldConstant),

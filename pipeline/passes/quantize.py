@@ -247,6 +247,7 @@ def _dequantize(xq, act: QuantParams):
 
 _MAX_POOL = tvm.ir.Op.get("relax.nn.max_pool2d")
 DOT_DEPTH = 4    # 8-bit products per int32 lane of every dot instruction we use (VNNI, pmaddubsw, sdot)
+VECTOR_LANES = 16   # int32 accumulators per vector the widest kernel (AVX-512) tiles output channels by
 
 
 def _quantize_input(bb: relax.BlockBuilder, data: relax.Var, act: QuantParams, remap: dict,
@@ -294,7 +295,14 @@ def _emit_site(bb: relax.BlockBuilder, site: QuantSite, act: QuantParams, data, 
                                          dilation=a.dilation, data_layout="NHWC", kernel_layout="OHWI",
                                          out_dtype="int32"))
     else:
-        acc = bb.emit(relax.op.matmul(xq, relax.const(wq), out_dtype="int32"))
+        # Output features up to the kernel's vector of 16 (a 1000-class head), with zero weights,
+        # sliced off again: the head then reads a quarter of the weight bytes it reads in fp32.
+        n = wq.shape[1]
+        extra = -n % VECTOR_LANES
+        acc = bb.emit(relax.op.matmul(xq, relax.const(np.pad(wq, [(0, 0), (0, extra)])),
+                                      out_dtype="int32"))
+        if extra:
+            acc = bb.emit(relax.op.strided_slice(acc, axes=[-1], begin=[0], end=[n]))
     acc = bb.emit(relax.op.add(acc, relax.const(bias_q.astype(np.int32))))
     return relax.op.multiply(relax.op.astype(acc, "float32"), relax.const(combined.astype(np.float32)))
 
