@@ -554,11 +554,18 @@ def ui(
     _guard(_ui, port, tracking_uri)
 
 
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
+
+
 def _ui(port, tracking_uri) -> None:
     from pipeline.tracking import serve_ui
     from pipeline.tracking import tracking_uri as resolve_uri
 
     uri = resolve_uri(tracking_uri)
+    # SIGTERM (a service manager, a test) ends like Ctrl-C, so the server is stopped too; Python's
+    # default would exit at once and leave the MLflow server and its workers running.
+    signal.signal(signal.SIGTERM, _interrupt)
     with serve_ui(uri, port) as url:
         out.print(f"MLflow UI: {url}  (store {uri}; Ctrl-C to stop)", highlight=False)
         print(url, flush=True)

@@ -125,9 +125,21 @@ def serve_ui(uri: str, port: int = 5000, timeout_s: float = 60.0) -> Iterator[st
                 time.sleep(0.5)
             yield url
         finally:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+            _stop_group(proc)
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """Stop the server and everything it started (uvicorn, the job runner, its huey consumers):
+    they share its process group, and stopping the server alone leaves them running."""
+    import os
+    import signal
+
+    for sig, wait_s in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(wait_s)
+        except subprocess.TimeoutExpired:
+            continue
