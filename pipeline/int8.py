@@ -138,3 +138,39 @@ def quantize_stage(config, model, mod, target, late_passes, post_passes, session
     gate = Int8Gate(model, session, evaluation, config.max_accuracy_drop, config.verify_samples,
                     config.seed)
     return apply_passes(outcome.mod, target, late_passes), gate
+
+
+def record_qdq(mod, recorder) -> dict | None:
+    """A pre-quantized (QDQ) model: which layers QDQToInteger put on the integer kernels, as the
+    run's quantization summary (None for a model without QDQ)."""
+    from pipeline.passes.qdq import qdq_summary
+
+    summary = qdq_summary(mod)
+    if summary is None:
+        return None
+    lowered, kept = summary["int8"], summary["float"]
+    # The keys an int8 run's summary has, so its consumers (the CLI's report) read either.
+    quantization = {"source": "qdq", "calibration": "the model's QDQ scales", "synthetic": False,
+                    "method": "qdq", "int8_layers": len(lowered), "layers": len(lowered) + len(kept),
+                    "int8_macs_fraction": summary["int8_macs_fraction"], "int8": lowered,
+                    "kept_fp32": kept}
+    recorder.tags({"variant": "qdq", "quantization_source": "qdq"})
+    recorder.metrics({"int8_layers": len(lowered), "fp32_layers": len(kept)})
+    return quantization
+
+
+def agreement_gate(config, model, session) -> Int8Gate:
+    """For builds whose numbers legitimately differ from the reference (a QDQ model, --precision
+    fp16/bf16): judged like an int8 build (top-1 agreement / cosine over seeded inputs, bounded by
+    --max-accuracy-drop) against ONNX Runtime on the model as given. For a QDQ model that model is
+    quantized too. Both compute the same
+    integers, but a requantization rounding tie decided the other way moves an output by a whole
+    quantization step (0.7% of the output range on the tests' small CNN), past the fp32 tolerance."""
+    from pipeline.quantize import eval_set
+    from pipeline.verify import seeded_inputs
+
+    feeds = [seeded_inputs(model.inputs, config.seed + EVAL_SEED_OFFSET + i)
+             for i in range(config.accuracy_samples)]
+    evaluation = eval_set(feeds, lambda feed: session.run(None, feed))
+    return Int8Gate(model, session, evaluation, config.max_accuracy_drop, config.verify_samples,
+                    config.seed)

@@ -212,6 +212,7 @@ def _run_stages(config, resolved, loaded, result: RunResult, recorder, run_dir: 
     from pipeline.cross import cross_compiler, skip_reason
     from pipeline.export import export_artifact, versions
     from pipeline.importer import import_model
+    from pipeline.int8 import agreement_gate, record_qdq
     from pipeline.measure import faster_build, measure_interleaved
     from pipeline.passes import QUANTIZE_AT, apply_passes, describe_passes, preset_passes, split_passes
     from pipeline.runtime import CompiledModel
@@ -258,7 +259,7 @@ def _run_stages(config, resolved, loaded, result: RunResult, recorder, run_dir: 
     early, late = split_passes(passes, QUANTIZE_AT)
     with _stage(result, "passes", progress, f"{len(passes)} graph passes", should_stop):
         mod = apply_passes(model.mod, target, early)
-        _record_qdq(mod, recorder, result)
+        result.quantization = record_qdq(mod, recorder) or result.quantization
         if config.sparse != "off":
             from pipeline.passes.sparse import sparse_stage
 
@@ -268,12 +269,12 @@ def _run_stages(config, resolved, loaded, result: RunResult, recorder, run_dir: 
                 recorder.tags({"variant": "sparse"})
         if config.quantize == "none":
             mod = apply_passes(mod, target, late)
-    gate = _qdq_gate(config, model, session) if result.quantization.get("source") == "qdq" else None
+    gate = agreement_gate(config, model, session) if result.quantization.get("source") == "qdq" else None
     if config.precision != "fp32":
         result.precision = config.precision
         recorder.tags({"variant": config.precision})
         if not cannot_run:   # judged like int8: agreement with fp32 ONNX Runtime, not the tolerance
-            gate = _qdq_gate(config, model, session)
+            gate = agreement_gate(config, model, session)
     if config.quantize == "int8":
         with _stage(result, "quantize", progress, "calibrating and quantizing to int8", should_stop):
             from pipeline.int8 import quantize_stage
@@ -417,39 +418,6 @@ def _skip_run_checks(config, model, session, reason: str, result: RunResult, pro
                               config.seed)
     result.verified, result.verification = False, check.as_dict()
     return check
-
-
-def _record_qdq(mod, recorder, result: RunResult) -> None:
-    """A pre-quantized (QDQ) model: which layers QDQToInteger put on the integer kernels."""
-    from pipeline.passes.qdq import qdq_summary
-
-    summary = qdq_summary(mod)
-    if summary is None:
-        return
-    lowered, kept = summary["int8"], summary["float"]
-    # The keys an int8 run's summary has, so its consumers (the CLI's report) read either.
-    result.quantization = {"source": "qdq", "calibration": "the model's QDQ scales", "synthetic": False,
-                           "method": "qdq", "int8_layers": len(lowered), "layers": len(lowered) + len(kept),
-                           "int8_macs_fraction": summary["int8_macs_fraction"], "int8": lowered,
-                           "kept_fp32": kept}
-    recorder.tags({"variant": "qdq", "quantization_source": "qdq"})
-    recorder.metrics({"int8_layers": len(lowered), "fp32_layers": len(kept)})
-
-
-def _qdq_gate(config, model, session):
-    """A QDQ model is judged like an int8 build (top-1 agreement / cosine over seeded inputs, bounded
-    by --max-accuracy-drop), against ONNX Runtime running the same QDQ model. Both compute the same
-    integers, but a requantization rounding tie decided the other way moves an output by a whole
-    quantization step (0.7% of the output range on the tests' small CNN), past the fp32 tolerance."""
-    from pipeline.int8 import EVAL_SEED_OFFSET, Int8Gate
-    from pipeline.quantize import eval_set
-    from pipeline.verify import seeded_inputs
-
-    feeds = [seeded_inputs(model.inputs, config.seed + EVAL_SEED_OFFSET + i)
-             for i in range(config.accuracy_samples)]
-    evaluation = eval_set(feeds, lambda feed: session.run(None, feed))
-    return Int8Gate(model, session, evaluation, config.max_accuracy_drop, config.verify_samples,
-                    config.seed)
 
 
 def _roofline(config, resolved, target, threads: int, compiled, arrays, built, out_dir: Path,
