@@ -153,6 +153,7 @@ def _int8_conv_gops(target, channels: int) -> tuple[float, str]:
 
     from pipeline.build import build
     from pipeline.passes import post_tuning_passes
+    from pipeline.passes.pipeline import fuse_for_build
     from schedules.cpu.int8 import dot_instruction
 
     ins = dot_instruction(target)
@@ -168,11 +169,7 @@ def _int8_conv_gops(target, channels: int) -> tuple[float, str]:
             y = bb.emit_output(relax.op.nn.conv2d(x, relax.const(weight), padding=1, data_layout="NHWC",
                                                   kernel_layout="OHWI", out_dtype="int32"))
         bb.emit_func_output(y)
-    mod = bb.get()
-    for p in (relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
-              relax.transform.FuseOps(), relax.transform.FuseTIR(),
-              relax.transform.AttachAttrLayoutFreeBuffers()):
-        mod = p(mod)
+    mod = fuse_for_build(bb.get())
     built = build(mod, target, None, post_tuning_passes(True))
     vm = relax.VirtualMachine(built.executable, tvm.cpu())
     args = [tvm.runtime.tensor(rng.integers(0, 100, shape).astype(ins.a_dtype)),

@@ -34,6 +34,17 @@ def fold_epilogue(sch: s_tir.Schedule, epilogue: list[BlockFacts]):
     return epilogue[-1].rv
 
 
+def accumulate_locally(sch: s_tir.Schedule, anchor, epilogue: list[BlockFacts]):
+    """The register-tile setup every micro-kernel shares: the epilogue folded into one stage (or a
+    write-back cache when there is none), and the anchor accumulating in a `local` buffer that
+    LLVM keeps in registers. Returns the stage that writes the output."""
+    last = fold_epilogue(sch, epilogue)
+    if last is None:
+        last = sch.cache_write(anchor, 0, "global")
+    sch.set_scope(anchor, 0, "local")
+    return last
+
+
 def extents(sch: s_tir.Schedule, loops) -> list[int]:
     out = []
     for loop in loops:

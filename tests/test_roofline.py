@@ -138,12 +138,12 @@ def test_ceilings_are_measured_once_then_cached(tmp_path, monkeypatch):
 def test_tensorized_int8_kernels_keep_their_op_count():
     """The dot instructions of a tensorized kernel are opaque to the FLOP estimate: the count comes
     from the kernel as it was before scheduling."""
-    import tvm
     from tvm import relax
 
     from pipeline import tvm_compat
     from pipeline.build import build
     from pipeline.passes import post_tuning_passes
+    from pipeline.passes.pipeline import fuse_for_build
     from pipeline.targets import resolve_target
     from schedules.cpu.int8 import dot_instruction
 
@@ -161,11 +161,7 @@ def test_tensorized_int8_kernels_keep_their_op_count():
                                            out_dtype="int32"))
             out = bb.emit_output(relax.op.astype(y, "float32"))
         bb.emit_func_output(out)
-    mod = bb.get()
-    for p in (relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
-              relax.transform.FuseOps(), relax.transform.FuseTIR(),
-              relax.transform.AttachAttrLayoutFreeBuffers()):
-        mod = p(mod)
+    mod = fuse_for_build(bb.get())
     built = build(mod, target, None, [p for p in post_tuning_passes(True)])
     assert "int8_dot" in built.default_scheduled.values()
     (cost,) = [c for c in built.costs.values() if c.precision == "int8"]

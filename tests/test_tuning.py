@@ -124,12 +124,12 @@ def test_int8_tasks_are_tuned_in_the_tensorized_space(tmp_path):
     """MetaSchedule searches the int8 rule's knobs like any other: the candidates are tensorized on
     the dot instruction, build, measure, and the tuned module computes the exact integer result."""
     import numpy as np
-    import tvm
     from tvm import relax
 
     from pipeline import tvm_compat
     from pipeline.build import build
     from pipeline.passes import post_tuning_passes
+    from pipeline.passes.pipeline import fuse_for_build
     from pipeline.runtime import CompiledModel
     from pipeline.targets import resolve_target
     from schedules.cpu.int8 import dot_instruction
@@ -149,11 +149,7 @@ def test_int8_tasks_are_tuned_in_the_tensorized_space(tmp_path):
                                            kernel_layout="OHWI", out_dtype="int32"))
             out = bb.emit_output(relax.op.astype(y, "float32"))
         bb.emit_func_output(out)
-    mod = bb.get()
-    for p in (relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
-              relax.transform.FuseOps(), relax.transform.FuseTIR(),
-              relax.transform.AttachAttrLayoutFreeBuffers()):
-        mod = p(mod)
+    mod = fuse_for_build(bb.get())
     report = tune(mod, target, tmp_path / "db", tmp_path / "logs", TuneBudget(trials=4), FAST)
     int8_tasks = [t for t in report.tasks if t.rule == "int8_dot"]
     assert int8_tasks and all(t.best_us is not None and t.trials_new >= 2 for t in int8_tasks)

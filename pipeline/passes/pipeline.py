@@ -138,6 +138,19 @@ def split_passes(passes: list[NamedPass], before: str) -> tuple[list[NamedPass],
     return passes, []
 
 
+def fuse_for_build(mod):
+    """A hand-built Relax module (a benchmark kernel, a test) as the graph passes leave a model for
+    `build`: legalized, fused into one PrimFunc per kernel, weights marked layout-free for
+    prepacking."""
+    from tvm import relax
+
+    for p in (relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+              relax.transform.FuseOps(), relax.transform.FuseTIR(),
+              relax.transform.AttachAttrLayoutFreeBuffers()):
+        mod = p(mod)
+    return mod
+
+
 def describe_passes(passes: list[NamedPass]) -> list[str]:
     return [f"{i + 1:2d}. {p.name}: {p.why}" for i, p in enumerate(passes)]
 

@@ -19,8 +19,8 @@ from tvm import s_tir, tirx
 
 from schedules.analysis import BlockFacts, block_facts, index_vars, vector_lanes
 from schedules.common import (
+    accumulate_locally,
     extents,
-    fold_epilogue,
     inline_prologue,
     schedule_injective,
     tile_epilogue,
@@ -94,10 +94,7 @@ def schedule_conv2d_nhwc(sch: s_tir.Schedule, match: ConvMatch, target, tunable:
     knobs = Knobs(sch, tunable)
 
     prologue = inline_prologue(sch, match.prologue, match.anchor)
-    last = fold_epilogue(sch, match.epilogue)
-    if last is None:
-        last = sch.cache_write(anchor, 0, "global")
-    sch.set_scope(anchor, 0, "local")
+    last = accumulate_locally(sch, anchor, match.epilogue)
 
     n, h, w, f, ry, rx, rc = sch.get_loops(anchor)
     _, H, W, F, _, _, C = extents(sch, [n, h, w, f, ry, rx, rc])

@@ -27,8 +27,8 @@ from tvm.script import tirx as T
 
 from schedules.analysis import BlockFacts, block_facts
 from schedules.common import (
+    accumulate_locally,
     extents,
-    fold_epilogue,
     inline_prologue,
     schedule_injective,
     tile_epilogue,
@@ -181,10 +181,7 @@ def schedule_int8(sch: s_tir.Schedule, match: IntMatch, ins: DotInstruction, tar
     knobs = Knobs(sch, tunable)
     anchor = match.anchor.rv
     prologue = inline_prologue(sch, match.prologue, match.anchor)
-    last = fold_epilogue(sch, match.epilogue)
-    if last is None:
-        last = sch.cache_write(anchor, 0, "global")
-    sch.set_scope(anchor, 0, "local")
+    last = accumulate_locally(sch, anchor, match.epilogue)
     _prepack_weight(sch, anchor, ins, match.conv)
 
     # Half the vector registers hold accumulators (VNNI: 32 zmm -> 16; NEON: 32 q -> 16).

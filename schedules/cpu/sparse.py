@@ -25,7 +25,7 @@ from __future__ import annotations
 from tvm import s_tir, te, tirx
 
 from schedules.analysis import BlockFacts, block_facts, vector_lanes
-from schedules.common import extents, fold_epilogue, tile_epilogue, vectorize_register_tile
+from schedules.common import accumulate_locally, extents, tile_epilogue, vectorize_register_tile
 from schedules.knobs import Knobs, largest_divisor
 from schedules.rule import CPURule
 
@@ -80,10 +80,7 @@ def schedule_bsr(sch: s_tir.Schedule, anchor: BlockFacts, epilogue: list[BlockFa
     registers = 32 if lanes_max == 16 else 16
     knobs = Knobs(sch, tunable)
     block = anchor.rv
-    last = fold_epilogue(sch, epilogue)
-    if last is None:
-        last = sch.cache_write(block, 0, "global")
-    sch.set_scope(block, 0, "local")
+    last = accumulate_locally(sch, block, epilogue)
 
     *lead, n, rl, rr = sch.get_loops(block)
     m = sch.fuse(*lead) if len(lead) > 1 else lead[0]
