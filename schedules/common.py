@@ -36,13 +36,26 @@ def fold_epilogue(sch: s_tir.Schedule, epilogue: list[BlockFacts]):
 
 def accumulate_locally(sch: s_tir.Schedule, anchor, epilogue: list[BlockFacts]):
     """The register-tile setup every micro-kernel shares: the epilogue folded into one stage (or a
-    write-back cache when there is none), and the anchor accumulating in a `local` buffer that
-    LLVM keeps in registers. Returns the stage that writes the output."""
+    write-back cache when there is none), and the anchor accumulating in a tile buffer that LLVM
+    keeps in registers. Returns the stage that writes the output.
+
+    The tile buffer's scope is `global`, not `local`: TVM 0.27 (LowerTVMBuiltin) puts a CPU
+    allocation on the stack only when its scope is global and it is under ACCUMULATOR_BYTES;
+    anything else is a TVMBackendAllocWorkspace call per tile, plus a memset and stores of every
+    accumulator into that escaped buffer. On a 1x1 int8 conv (K = 64) that was half the time."""
     last = fold_epilogue(sch, epilogue)
     if last is None:
         last = sch.cache_write(anchor, 0, "global")
-    sch.set_scope(anchor, 0, "local")
+    sch.set_scope(anchor, 0, "global")
     return last
+
+
+ACCUMULATOR_BYTES = 1024    # a register tile must stay below this to live on the stack (see above)
+
+
+def max_accumulators(vector_bytes: int, limit: int = 16) -> int:
+    """Vector accumulators a register tile may hold and still be a stack allocation."""
+    return max(1, min(limit, (ACCUMULATOR_BYTES - 1) // vector_bytes))
 
 
 def extents(sch: s_tir.Schedule, loops) -> list[int]:

@@ -1,6 +1,7 @@
 """schedules/: each default rule matches the kernels it is for, and the scheduled (and weight-
 prepacked) module computes what ONNX Runtime computes. Small shapes only; no timing."""
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -181,14 +182,53 @@ def test_rules_leave_unknown_kernels_alone(mlp_mod):
     assert built.scheduled_tasks == 0
 
 
-def test_register_tile_fits_the_register_file():
+def test_register_tile_fits_the_register_file_and_the_stack():
+    from schedules.common import max_accumulators
     from schedules.cpu.conv2d import register_tile
 
-    assert register_tile(56, 4, 32) == (4, 4)       # 16 accumulators of 32 zmm, fewest loads
-    assert register_tile(7, 4, 32) == (7, 2)
-    assert register_tile(7, 4, 16) == (7, 1)        # AVX2: 16 ymm registers
-    w_i, f_r = register_tile(13, 3, 16)
+    assert max_accumulators(64) == 15, "16 zmm accumulators are 1024 bytes: a heap buffer"
+    assert max_accumulators(32) == 16 and max_accumulators(16) == 16
+    assert max_accumulators(32, 8) == 8             # AVX2: half of 16 ymm registers
+    assert register_tile(56, 4, 15) == (7, 2)       # 14 accumulators, fewest loads
+    assert register_tile(7, 4, 15) == (7, 2)
+    assert register_tile(7, 4, 8) == (7, 1)
+    w_i, f_r = register_tile(13, 3, 8)
     assert 13 % w_i == 0 and 3 % f_r == 0 and w_i * f_r <= 8
+
+
+def test_register_tiles_are_stack_buffers_not_heap_workspaces():
+    """A tile buffer in `local` scope, or one of 1024 bytes or more, is lowered to a
+    TVMBackendAllocWorkspace call per tile (plus a memset and a store of every accumulator):
+    half the time of a small-K int8 conv. Our kernels must have none."""
+    import tvm
+    from tvm import te
+
+    from pipeline.targets import resolve_target
+    from schedules.apply import default_rules, first_match
+
+    target = resolve_target("x86-avx512-vnni").tvm_target()
+    a = te.placeholder((1, 14, 14, 64), "uint8", "A")
+    w = te.placeholder((64, 1, 1, 64), "int8", "W")
+    af = te.placeholder((1, 14, 14, 64), "float32", "AF")
+    wf = te.placeholder((64, 1, 1, 64), "float32", "WF")
+
+    def conv(x, k, dtype):
+        rc, ry, rx = te.reduce_axis((0, 64), "rc"), te.reduce_axis((0, 1), "ry"), te.reduce_axis((0, 1), "rx")
+        return te.compute((1, 14, 14, 64), lambda n, y, xx, f: te.sum(
+            x[n, y + ry, xx + rx, rc].astype(dtype) * k[f, ry, rx, rc].astype(dtype), axis=[ry, rx, rc]),
+            name="conv2d_nhwc")
+
+    for x, k, dtype in ((a, w, "int32"), (af, wf, "float32")):
+        out = conv(x, k, dtype)
+        with target:
+            rule, sch = first_match(te.create_prim_func([x, k, out]), target, default_rules(target))
+        asm = tvm.tirx.build(sch.mod, target=target).inspect_source("asm")
+        # The one workspace left is the int8 weight's prepacked copy (64 x 64 bytes), which a
+        # model build folds into the constant; its size goes to the call's third argument.
+        sizes = [int(n) for n in re.findall(
+            r"TVMBackendAllocWorkspace@GOTPCREL\(%rip\), %\w+\n(?:.*\n){0,3}?\s*movl\s+\$(\d+), %edx", asm)]
+        assert asm.count("TVMBackendAllocWorkspace@GOTPCREL") == len(sizes), "every call's size found"
+        assert all(n == 64 * 64 for n in sizes) and (dtype == "float32") == (not sizes), (dtype, sizes)
 
 
 def test_tunable_space_starts_at_the_default(tiny_mod):

@@ -22,6 +22,7 @@ from schedules.common import (
     accumulate_locally,
     extents,
     inline_prologue,
+    max_accumulators,
     schedule_injective,
     tile_epilogue,
     vectorize_register_tile,
@@ -73,15 +74,16 @@ def _indexed_by(region, variables: list) -> bool:
         for r, v in zip(region.region, variables))
 
 
-def register_tile(width: int, f_vectors: int, registers: int) -> tuple[int, int]:
-    """(w_i, f_r): the most accumulators within half the vector register file (the rest holds the
-    weight vectors, the broadcast input and what LLVM needs for addressing without spilling);
-    on a tie, the squarer tile, which issues fewer loads per FMA (4x4: 8 per 16 FMAs, 8x2: 10)."""
+def register_tile(width: int, f_vectors: int, accumulators: int) -> tuple[int, int]:
+    """(w_i, f_r): the most accumulators up to `accumulators` (at most half the vector register
+    file: the rest holds the weight vectors, the broadcast input and what LLVM needs for addressing
+    without spilling; and a stack-sized tile, see common.max_accumulators); on a tie, the squarer
+    tile, which issues fewer loads per FMA (7x2: 9 per 14 FMAs, 14x1: 15)."""
     best = (1, 1)
     for f_r in (1, 2, 4):
         if f_vectors % f_r:
             continue
-        w_i = largest_divisor(width, max(1, registers // 2 // f_r))
+        w_i = largest_divisor(width, max(1, accumulators // f_r))
         if w_i * f_r >= best[0] * best[1]:
             best = (w_i, f_r)
     return best
@@ -99,7 +101,7 @@ def schedule_conv2d_nhwc(sch: s_tir.Schedule, match: ConvMatch, target, tunable:
     n, h, w, f, ry, rx, rc = sch.get_loops(anchor)
     _, H, W, F, _, _, C = extents(sch, [n, h, w, f, ry, rx, rc])
     lanes = largest_divisor(F, lanes_max) if F % 4 == 0 else 1
-    w_i0, f_r0 = register_tile(W, F // lanes, registers)
+    w_i0, f_r0 = register_tile(W, F // lanes, max_accumulators(4 * lanes, registers // 2))
 
     f_rest, f_v = sch.split(f, factors=[F // lanes, lanes], preserve_unit_iters=True)
     f_o, f_r = knobs.split2(f_rest, F // lanes, f_r0, max_inner=4)

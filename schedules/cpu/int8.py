@@ -30,6 +30,7 @@ from schedules.common import (
     accumulate_locally,
     extents,
     inline_prologue,
+    max_accumulators,
     schedule_injective,
     tile_epilogue,
 )
@@ -91,19 +92,24 @@ def _register(ins: DotInstruction, scope: str) -> str:
         with T.sblock("root"):
             T.reads(C[0:lanes], A[0:depth], B[0:lanes, 0:depth])
             T.writes(C[0:lanes])
-            # The `depth` activation bytes as one 32-bit word, broadcast to every lane.
-            a = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], word), dtype="int32"), lanes),
-                              dtype=a_vec)
+            # The `depth` activation bytes as one 32-bit word, broadcast to every lane. Written
+            # inline: a named value here becomes a buffer, which the CPU backend allocates on the
+            # heap (TVMBackendAllocWorkspace) once per register tile.
             if two_step:
-                pairs = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(ins.llvm_intrinsic), a,
-                                                B.vload([0, 0], dtype=b_vec), dtype=pairs_vec)
                 C[T.ramp(T.int32(0), 1, lanes)] = C.vload([0], dtype=acc_vec) + T.call_llvm_pure_intrin(
-                    T.llvm_lookup_intrinsic_id(ins.widen), pairs,
+                    T.llvm_lookup_intrinsic_id(ins.widen),
+                    T.call_llvm_pure_intrin(
+                        T.llvm_lookup_intrinsic_id(ins.llvm_intrinsic),
+                        T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], word), dtype="int32"),
+                                                  lanes), dtype=a_vec),
+                        B.vload([0, 0], dtype=b_vec), dtype=pairs_vec),
                     T.broadcast(T.int16(1), lanes * depth // 2), dtype=acc_vec)
             else:
                 C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
-                    T.llvm_lookup_intrinsic_id(ins.llvm_intrinsic),
-                    C.vload([0], dtype=acc_vec), a, B.vload([0, 0], dtype=b_vec), dtype=acc_vec)
+                    T.llvm_lookup_intrinsic_id(ins.llvm_intrinsic), C.vload([0], dtype=acc_vec),
+                    T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], word), dtype="int32"), lanes),
+                                  dtype=a_vec),
+                    B.vload([0, 0], dtype=b_vec), dtype=acc_vec)
 
     name = ins.intrin_name(scope)
     TensorIntrin.register(name, desc, impl, override=True)
@@ -184,8 +190,9 @@ def schedule_int8(sch: s_tir.Schedule, match: IntMatch, ins: DotInstruction, tar
     last = accumulate_locally(sch, anchor, match.epilogue)
     _prepack_weight(sch, anchor, ins, match.conv)
 
-    # Half the vector registers hold accumulators (VNNI: 32 zmm -> 16; NEON: 32 q -> 16).
-    accumulators = 16
+    # Up to half the vector registers hold accumulators (VNNI: 32 zmm -> 16; NEON: 32 q -> 16),
+    # fewer where the tile would no longer be a stack buffer (AVX-512: 15 x 64 bytes).
+    accumulators = max_accumulators(4 * lanes)
     if match.conv:
         n, h, w, f, ry, rx, rc = sch.get_loops(anchor)
         _, H, W, F, _, _, C = extents(sch, [n, h, w, f, ry, rx, rc])
@@ -214,7 +221,7 @@ def schedule_int8(sch: s_tir.Schedule, match: IntMatch, ins: DotInstruction, tar
     sch.reverse_compute_at(last, outer[-1], preserve_unit_loops=True)
     sch.parallel(sch.fuse(*outer))
     init = sch.decompose_reduction(anchor, reduce_from)
-    sch.tensorize(f_v, ins.intrin_name("local"))
+    sch.tensorize(f_v, ins.intrin_name("global"))
     for lp in tile:
         sch.unroll(lp)
     *_, i_vec = init_loops = sch.get_loops(init)

@@ -12,7 +12,13 @@ from __future__ import annotations
 from tvm import s_tir, tirx
 
 from schedules.analysis import BlockFacts, block_facts, vector_lanes
-from schedules.common import accumulate_locally, extents, tile_epilogue, vectorize_register_tile
+from schedules.common import (
+    accumulate_locally,
+    extents,
+    max_accumulators,
+    tile_epilogue,
+    vectorize_register_tile,
+)
 from schedules.knobs import Knobs, largest_divisor
 from schedules.rule import CPURule
 
@@ -60,7 +66,7 @@ def schedule_matmul(sch: s_tir.Schedule, anchor: BlockFacts, epilogue: list[Bloc
     lanes = largest_divisor(N, lanes_max)
     vectors = N // lanes
     n_r0 = largest_divisor(vectors, 4 if M == 1 else 2)
-    m_i0 = largest_divisor(M, max(1, registers // 2 // n_r0))
+    m_i0 = largest_divisor(M, max(1, max_accumulators(4 * lanes, registers // 2) // n_r0))
 
     n_rest, n_v = sch.split(n, factors=[vectors, lanes], preserve_unit_iters=True)
     n_o, n_r = knobs.split2(n_rest, vectors, n_r0, max_inner=4)
