@@ -14,6 +14,10 @@ even a segfault inside TVM, is recorded and the other jobs still run. A job:
 
 The parent writes `summary.json` and `summary.md` under `<out>/<utc>/`, with each job's tuning curve
 continued across the nights found in `<out>`, and an MLflow parent run with one nested run per job.
+
+SIGTERM or SIGINT to the night (systemd stopping the unit, Ctrl-C) is passed on to the running job,
+which stops after its current measurement and keeps its records, as `tune run` does; the night then
+runs no further job, writes its summary with that job `interrupted` and exits 130.
 """
 
 from __future__ import annotations
@@ -21,10 +25,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
@@ -40,6 +47,7 @@ except ImportError:  # Python 3.10: the same parser, from PyPI
 log = logging.getLogger(__name__)
 VARIANTS = ("fp32", "int8", "sparse")
 UNLIMITED = 10**6        # a time-only nightly budget: trials never run out before the clock does
+INTERRUPTED = 130        # exit code of a night or job stopped by SIGTERM/SIGINT (as `tune run`)
 
 
 @dataclass
@@ -121,8 +129,9 @@ def _known(cls, table: dict, where: str) -> dict:
 
 # -- one job (in the child process) --------------------------------------------------------------
 
-def run_job(spec: dict) -> dict:
-    """Tune, build, verify, compare with the champion, promote or not, compact. Raises on failure."""
+def run_job(spec: dict, should_stop: Callable[[], bool] = lambda: False) -> dict:
+    """Tune, build, verify, compare with the champion, promote or not, compact. Raises on failure;
+    KeyboardInterrupt once `should_stop` says so (tuning stops after the current measurement)."""
     from pipeline.config import RunConfig, parse_duration
     from pipeline.measure import MeasureSettings
     from pipeline.run import run_pipeline
@@ -142,7 +151,9 @@ def run_job(spec: dict) -> dict:
         quantize="int8" if job.variant == "int8" else "none",
         sparse="auto" if job.variant == "sparse" else "off",
         tuning_db=settings.tuning_db, rpc=settings.rpc, rpc_key=settings.rpc_key)
-    result = run_pipeline(config)
+    result = run_pipeline(config, should_stop=should_stop)
+    if should_stop():   # asked while the last stages ran: no champion comparison, no compaction
+        raise KeyboardInterrupt
     before = sum(t["trials_before"] for t in result.task_table)
     out = {"preset": result.preset, "mlflow_run_id": result.mlflow_run_id, "artifact": result.artifact,
            "verified": result.verified, "registered": result.registered,
@@ -288,18 +299,37 @@ def run_nightly(config_path: Path, tuning_logs: Path = Path("tuning_logs"), out:
     parent.params({"jobs": ", ".join(j.name for j in jobs), **{k: v for k, v in asdict(settings).items()
                                                                 if k != "tuning_db"}})
     results = []
-    for i, job in enumerate(jobs):
-        progress(ProgressEvent("nightly", f"job {i + 1}/{len(jobs)}: {job.name}", i, len(jobs)))
-        spec = {"job": asdict(job), "settings": asdict(settings), "tuning_logs": str(tuning_logs),
-                "artifacts": str(artifacts), "runs_dir": str(runs_dir), "tracking_uri": uri}
-        res = _run_child(spec, folder / f"job-{i + 1:02d}-{job.name}")
-        res.update(job=job.name, model=job.model, variant=job.variant, target=job.target)
-        _record_job(uri, settings.experiment, parent.run_id, res)
-        results.append(res)
-        progress(ProgressEvent("nightly", f"{job.name}: {res['status']}: {res.get('decision') or res.get('error', '')}"))
+    # held until the summary is written: a signal now stops the job and the night, never the summary
+    with _forwarding_signals() as signals:
+        for i, job in enumerate(jobs):
+            if signals.received is not None:
+                results.append(_skipped(job))
+                continue
+            progress(ProgressEvent("nightly", f"job {i + 1}/{len(jobs)}: {job.name}", i, len(jobs)))
+            spec = {"job": asdict(job), "settings": asdict(settings), "tuning_logs": str(tuning_logs),
+                    "artifacts": str(artifacts), "runs_dir": str(runs_dir), "tracking_uri": uri,
+                    "parent_pid": os.getpid()}
+            res = _run_child(spec, folder / f"job-{i + 1:02d}-{job.name}", signals)
+            res.update(job=job.name, model=job.model, variant=job.variant, target=job.target)
+            _record_job(uri, settings.experiment, parent.run_id, res)
+            results.append(res)
+            progress(ProgressEvent("nightly", f"{job.name}: {res['status']}: "
+                                              f"{res.get('decision') or res.get('error', '')}"))
+        report = _finish_night(parent, stamp, folder, out, results, signals.received)
+    return report
+
+
+def _skipped(job: Job) -> dict:
+    return {"status": "skipped", "error": "not run: the night was interrupted", "job": job.name,
+            "model": job.model, "variant": job.variant, "target": job.target}
+
+
+def _finish_night(parent, stamp: str, folder: Path, out: Path, results: list[dict],
+                  interrupted: int | None) -> NightReport:
+    """summary.json, summary.md and the parent run's metrics and status."""
     _attach_history(out, stamp, results)
     failed = [r for r in results if r["status"] != "ok" or r.get("regression")]
-    code = 1 if failed else 0
+    code = INTERRUPTED if interrupted is not None else 1 if failed else 0
     report = NightReport(stamp, str(folder), results, parent.run_id, code)
     (folder / "summary.json").write_text(json.dumps(asdict(report), indent=2, default=str))
     (folder / "summary.md").write_text(render_markdown(report))
@@ -307,19 +337,76 @@ def run_nightly(config_path: Path, tuning_logs: Path = Path("tuning_logs"), out:
                     "regressions": sum(bool(r.get("regression")) for r in results),
                     "promoted": sum(bool(r.get("promoted")) for r in results)})
     parent.artifact(folder, "nightly")
-    parent.finish("FINISHED" if code == 0 else "FAILED",
-                  None if code == 0 else f"{len(failed)} job(s) failed or regressed")
+    if interrupted is not None:
+        skipped = sum(r["status"] == "skipped" for r in results)
+        parent.finish("KILLED", f"interrupted by {signal.Signals(interrupted).name}; "
+                                f"{skipped} job(s) not run")
+    else:
+        parent.finish("FINISHED" if code == 0 else "FAILED",
+                      None if code == 0 else f"{len(failed)} job(s) failed or regressed")
     return report
 
 
-def _run_child(spec: dict, stem: Path) -> dict:
+class _SignalForwarder:
+    """SIGTERM and SIGINT to the night go on to the running job's process, which stops after its
+    current measurement (a second signal: at once), and the night starts no further job."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received: int | None = None      # the first signal
+        self._child: subprocess.Popen | None = None
+
+    def on_signal(self, signum: int, _frame) -> None:
+        if self.received is None:
+            self.received = signum
+            log.warning("%s: stopping the running job and the night", signal.Signals(signum).name)
+        if self._child is not None:
+            self._child.send_signal(signum)   # a no-op once it has exited
+
+    def attach(self, proc: subprocess.Popen | None) -> None:
+        """Signals blocked meanwhile: one that came before the job started is sent here, once; one
+        that comes meanwhile is handled right after, with the job in place."""
+        saved = signal.pthread_sigmask(signal.SIG_BLOCK, self.SIGNALS)
+        try:
+            self._child = proc
+            if proc is not None and self.received is not None:
+                proc.send_signal(self.received)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, saved)
+
+
+@contextmanager
+def _forwarding_signals() -> Iterator[_SignalForwarder]:
+    """A `_SignalForwarder` installed for SIGTERM and SIGINT; the handlers before it are put back."""
+    forwarder, saved = _SignalForwarder(), {}
+    try:
+        for sig in forwarder.SIGNALS:
+            saved[sig] = signal.signal(sig, forwarder.on_signal)
+    except ValueError:   # not the main thread: signals stay with whoever handles them there
+        pass
+    try:
+        yield forwarder
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+def _run_child(spec: dict, stem: Path, signals: _SignalForwarder) -> dict:
     spec_path, result_path, log_path = (stem.with_suffix(s) for s in (".spec.json", ".result.json", ".log"))
     spec_path.write_text(json.dumps(spec, indent=1))
     t0 = time.perf_counter()
     with open(log_path, "wb") as sink:
-        proc = subprocess.run([sys.executable, "-m", "pipeline.nightly", "job", str(spec_path),
-                               str(result_path)], check=False, stdout=sink, stderr=subprocess.STDOUT,
-                              stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        # its own session: a terminal's Ctrl-C reaches the night only, which passes it on once
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline.nightly", "job", str(spec_path),
+                                 str(result_path)], stdout=sink, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                                start_new_session=True)
+        signals.attach(proc)
+        try:
+            proc.wait()
+        finally:
+            signals.attach(None)
     wall = round(time.perf_counter() - t0, 1)
     if result_path.is_file():
         res = json.loads(result_path.read_text())
@@ -327,6 +414,9 @@ def _run_child(spec: dict, stem: Path) -> dict:
         tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
         how = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit {proc.returncode}"
         res = {"status": "crashed", "error": f"job process {how}; log tail: {' | '.join(tail)}"}
+    if signals.received is not None and res["status"] != "ok":
+        # stopped by the signal we passed on, even where it came before the job could handle it
+        res["status"] = "interrupted"
     res.update(wall_s=wall, log=str(log_path), exit=proc.returncode)
     return res
 
@@ -345,7 +435,8 @@ def _record_job(uri: str, experiment: str, parent_id: str, res: dict) -> None:
     rec.metrics({"promoted": int(bool(res.get("promoted"))), "regression": int(bool(res.get("regression")))})
     # step = cumulative trials, so the curves of successive nights line up end to start in MLflow
     rec.series("tune_best_latency_ms", [(n, ms) for n, ms in res.get("curve", [])])
-    rec.finish("FINISHED" if res["status"] == "ok" else "FAILED", res.get("error"))
+    status = {"ok": "FINISHED", "interrupted": "KILLED"}.get(res["status"], "FAILED")
+    rec.finish(status, res.get("error"))
 
 
 def _attach_history(out: Path, stamp: str, results: list[dict]) -> None:
@@ -370,7 +461,8 @@ def _attach_history(out: Path, stamp: str, results: list[dict]) -> None:
 
 def _night_row(stamp: str, res: dict, start: int | None) -> dict:
     """One night; its trials continue from the night before (`start`), so the curve is one line even
-    where the database's own count is capped (a shipped workload counts the search behind it)."""
+    where the database's own count did not follow (a PostgreSQL store on a shipped preset counts the
+    larger of its records and the shipped search; another host's nights in between)."""
     before = res.get("trials_before") or 0
     start = before if start is None else start
     return {"night": stamp, "trials_total": start + (res.get("trials_new") or 0),
@@ -413,6 +505,42 @@ def _f(value, pattern: str = "{}") -> str:
     return "-" if value is None else pattern.format(value)
 
 
+class _StopRequest:
+    """The job's SIGTERM/SIGINT (passed on by the night): tuning stops after the current measurement,
+    whose record is committed, and the pipeline's run is marked KILLED. A second one stops at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __call__(self) -> bool:
+        return self.requested
+
+    def install(self) -> None:
+        signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGTERM, self._on_signal)
+
+    def _on_signal(self, signum: int, _frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("%s: stopping after the current measurement (again to force)", signal.Signals(signum).name)
+
+
+def _stop_with_parent(parent_pid: int | None) -> None:
+    """Should the night die without passing a signal on (kill -9), Linux sends this job SIGTERM
+    (PR_SET_PDEATHSIG), so it stops after its measurement instead of tuning on alone."""
+    if not parent_pid or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)   # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:   # it died before the request was in place
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _child_main(spec_path: str, result_path: str) -> int:
     """The job process: the result (or the failure) goes to `result_path` as JSON."""
     from pipeline import tvm_compat
@@ -420,10 +548,18 @@ def _child_main(spec_path: str, result_path: str) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s [%(levelname)s] %(name)s: %(message)s")
     spec = json.loads(Path(spec_path).read_text())
+    stop = _StopRequest()
+    stop.install()
+    _stop_with_parent(spec.get("parent_pid"))
     try:
         tvm_compat.apply()
-        res = {"status": "ok", **run_job(spec)}
+        res = {"status": "ok", **run_job(spec, stop)}
         code = 0
+    except KeyboardInterrupt:
+        log.warning("job interrupted: its finished tuning records are kept")
+        res = {"status": "interrupted", "error": "interrupted (SIGTERM or SIGINT); finished tuning records "
+                                                 "are kept and the next night resumes from them"}
+        code = INTERRUPTED
     except Exception as exc:  # noqa: BLE001  (recorded for the summary; the night goes on)
         log.error("job failed:\n%s", traceback.format_exc())
         res = {"status": "failed", "error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"}

@@ -360,23 +360,24 @@ def _tune(mod, target, database_dir: Path, log_dir: Path, budget: TuneBudget, se
     from tvm.s_tir import meta_schedule as ms
     from tvm.s_tir.analysis import estimate_tir_flops
 
-    from pipeline.logs import shipped_trials
+    from pipeline.logs import local_trials, workload_trials
     from pipeline.tuning_db import dropped_trials
 
     start = time.perf_counter()
     extracted = extract_tasks(mod, target)
     db = open_database(database_dir, tuning_db)
     stats = record_stats(db)
-    spent = shipped_trials(database_dir)
-    compacted = dropped_trials(db, database_dir)   # records compaction removed still were trials
+    # records + those compaction removed, then the shipped search each workload resumed from on top
+    local = local_trials({k: n for k, (n, _) in stats.items()}, dropped_trials(db, database_dir))
+    counted = workload_trials(database_dir, local, merged=tuning_db is None)
     exhausted = _ExhaustedTasks(database_dir)
     cap = _allot(budget, len(extracted))
     tasks: list[_Task] = []
     for t in extracted:
         mod_t = t.dispatched[0]
         key = workload_key(mod_t)
-        n, best = stats.get(key, (0, None))
-        n = max(n + compacted.get(key, 0), spent.get(key, 0))
+        _, best = stats.get(key, (0, None))
+        n = counted.get(key, 0)
         report = TaskReport(name=t.task_name, weight=int(t.weight),
                             flops=float(estimate_tir_flops(mod_t)), trials_before=n,
                             best_us=None if best is None else best * 1e6,

@@ -29,12 +29,90 @@ class CliRun:
         return json.loads(self.stdout.strip().splitlines()[-1])
 
 
-def tune_cli(args: list[str], cwd: Path, timeout: float = 600, env: dict | None = None) -> CliRun:
+_MLFLOW_TEMPLATE: list[Path] = []   # [folder] of the session's empty store; mlflow.db made on first use
+
+
+def mlflow_store(folder: Path, name: str = "mlflow.db") -> str:
+    """An empty MLflow SQLite store at folder/name (unless one is there), and its tracking URI.
+
+    Creating a store runs MLflow's schema migrations, seconds per store; so the session makes one
+    (in a subprocess, with MLflow's own code) and each test copies it. It is the store a fresh
+    process would make in `folder`: the Default experiment's artifact location is set to match."""
+    db = folder / name
+    if not db.exists():
+        import shutil
+        import sqlite3
+
+        template = _MLFLOW_TEMPLATE[0] / "mlflow.db"
+        if not template.exists():
+            make = ("import sys; from mlflow.tracking import MlflowClient; "
+                    "MlflowClient(sys.argv[1]).search_experiments()")
+            subprocess.run([sys.executable, "-c", make, f"sqlite:///{template}"], cwd=template.parent,
+                           check=True, capture_output=True, timeout=300)
+        shutil.copyfile(template, db)
+        with sqlite3.connect(db) as con:
+            con.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
+                        (str(folder.resolve() / "mlruns" / "0"),))
+        con.close()
+    return f"sqlite:///{db}"
+
+
+def tune_cli(args: list[str], cwd: Path, timeout: float = 600, env: dict | None = None,
+             fresh_store: bool = False) -> CliRun:
+    """`tune ARGS` in a subprocess in `cwd`, recording to cwd/mlflow.db: a copy of the session's
+    empty store (see `mlflow_store`) unless `fresh_store`, when the process makes its own."""
     full_env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}", **(env or {})}
+    if not fresh_store and full_env["MLFLOW_TRACKING_URI"] == f"sqlite:///{cwd / 'mlflow.db'}":
+        mlflow_store(cwd)
     start = time.perf_counter()
     proc = subprocess.run(TUNE + args, cwd=cwd, capture_output=True, text=True, timeout=timeout,
                           env=full_env)
     return CliRun(proc.returncode, proc.stdout, proc.stderr, time.perf_counter() - start)
+
+
+def tune_in_process(args: list[str], cwd: Path, env: dict | None = None) -> CliRun:
+    """`tune ARGS` in this process through typer's CliRunner: the same app, the same exit code and
+    the same stdout/stderr text as `tune_cli`, without a fresh interpreter importing TVM for each
+    call. For the checks of messages and exit codes; `tune_cli` still proves the real process.
+    What a command changes process-wide (cwd, signal handlers, root log handlers) is put back."""
+    import logging
+    import signal
+
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    signals = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    old_cwd = Path.cwd()
+    start = time.perf_counter()
+    try:
+        os.chdir(cwd)
+        env = {"MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}", **(env or {})}
+        if env["MLFLOW_TRACKING_URI"] == f"sqlite:///{cwd / 'mlflow.db'}":
+            mlflow_store(cwd)
+        result = CliRunner().invoke(app, args, prog_name="tune", env=env)
+    finally:
+        os.chdir(old_cwd)
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        for s, handler in signals.items():
+            signal.signal(s, handler)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        # what the real process would print: the traceback goes to stderr
+        import traceback
+
+        trace = "".join(traceback.format_exception(result.exception))
+        return CliRun(1, result.stdout, result.stderr + trace, time.perf_counter() - start)
+    return CliRun(result.exit_code, result.stdout, result.stderr, time.perf_counter() - start)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def mlflow_template(tmp_path_factory) -> Path:
+    """Where `mlflow_store` keeps the session's empty store."""
+    _MLFLOW_TEMPLATE[:] = [tmp_path_factory.mktemp("mlflow_template")]
+    return _MLFLOW_TEMPLATE[0]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -50,7 +128,9 @@ def ceilings_cache(tmp_path_factory) -> Path:
 def tiny_run(tmp_path_factory) -> tuple[Path, CliRun]:
     """`tune run --model tiny-cnn --trials 7 --json` in a fresh directory (one trial per task)."""
     cwd = tmp_path_factory.mktemp("tiny_run")
-    run = tune_cli(["run", "--model", "tiny-cnn", "--trials", "7", "--json", "--repeats", "20"], cwd)
+    # the one end-to-end run that makes its MLflow store itself, as in a fresh clone
+    run = tune_cli(["run", "--model", "tiny-cnn", "--trials", "7", "--json", "--repeats", "20"], cwd,
+                   fresh_store=True)
     assert run.returncode == 0, run.stderr
     return cwd, run
 

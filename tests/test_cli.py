@@ -1,4 +1,7 @@
-"""End to end: the real `tune` CLI in subprocesses, against a real MLflow SQLite store in a tmp dir."""
+"""End to end: the real `tune` CLI in subprocesses, against a real MLflow SQLite store in a tmp dir.
+Where a test is about a message and an exit code, most calls run in this process (`tune_in_process`,
+the same app without a fresh interpreter importing TVM each time), and a real subprocess call shows
+that the process behaves the same."""
 
 import json
 import signal
@@ -10,7 +13,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import TUNE, mlp_onnx, tune_cli
+from tests.conftest import TUNE, mlflow_store, mlp_onnx, tune_cli, tune_in_process
 
 
 def _client(cwd: Path) -> MlflowClient:
@@ -84,8 +87,8 @@ def test_predict_reproduces_the_verified_output(tiny_run, tmp_path):
     assert check.returncode == 0 and "exactly" in check.stdout, check.stderr
     stored = np.load(artifact / "verify.npz")
     np.save(tmp_path / "x.npy", stored["input:input"])
-    pred = tune_cli(["predict", str(artifact), "--input", str(tmp_path / "x.npy"),
-                     "--output", str(tmp_path / "y.npy")], cwd)
+    pred = tune_in_process(["predict", str(artifact), "--input", str(tmp_path / "x.npy"),
+                            "--output", str(tmp_path / "y.npy")], cwd)
     assert pred.returncode == 0, pred.stderr
     np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), stored["output:0"])
 
@@ -139,13 +142,28 @@ def _error_cases(tmp: Path):
     ]
 
 
+def _one_error_line(res, args, code, message) -> str:
+    assert res.returncode == code, (args, res.returncode, res.stderr)
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], (args, res.stderr)
+    assert "Traceback" not in res.stderr, args
+    return lines[0]
+
+
+# Also run as real processes: `tune run` failing in its import stage after the MLflow run has
+# started (exit code 3), and `tune predict` refusing its flags (exit code 2).
+_REAL_PROCESS = ("Det (node det0)", "pass --input FILE")
+
+
 def test_bad_input_gets_one_line_and_nonzero_exit(tmp_path):
-    for args, code, message in _error_cases(tmp_path):
-        res = tune_cli(args, tmp_path)
-        assert res.returncode == code, (args, res.returncode, res.stderr)
-        lines = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
-        assert len(lines) == 1 and message in lines[0], (args, res.stderr)
-        assert "Traceback" not in res.stderr, args
+    cases = _error_cases(tmp_path)
+    for args, code, message in cases:
+        _one_error_line(tune_in_process(args, tmp_path), args, code, message)
+    real = [case for case in cases if case[2] in _REAL_PROCESS]
+    assert len(real) == len(_REAL_PROCESS)
+    for args, code, message in real:
+        line = _one_error_line(tune_cli(args, tmp_path), args, code, message)
+        assert line == _one_error_line(tune_in_process(args, tmp_path), args, code, message)
 
 
 def test_bad_flag_type_is_rejected_by_the_parser(tmp_path):
@@ -177,7 +195,7 @@ def test_stopping_mid_tuning_keeps_every_record_and_resumes(sig, status, tmp_pat
 
     mlp = mlp_onnx(tmp_path / "mlp.onnx")
     args = ["run", "--model", str(mlp), "--trials", "40", "--json", "--skip-untuned"]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_store(tmp_path)}
     proc = subprocess.Popen(TUNE + args, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
@@ -195,8 +213,9 @@ def test_stopping_mid_tuning_keeps_every_record_and_resumes(sig, status, tmp_pat
     if sig == signal.SIGTERM:
         assert "interrupted" in run.data.tags["failure_reason"]
 
-    resumed = tune_cli(["run", "--model", str(mlp), "--trials", "0", "--json", "--skip-untuned"],
-                       tmp_path)
+    # (no roofline profile and fewer timed calls: this run is here to show the records are reused)
+    resumed = tune_cli(["run", "--model", str(mlp), "--trials", "0", "--json", "--skip-untuned",
+                        "--no-roofline", "--repeats", "5"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert resumed.json()["verified"] is True
     assert _records(tmp_path) == kept
@@ -210,27 +229,30 @@ def test_models_and_targets_commands(tmp_path):
 
 
 def test_show_passes_prints_the_list(tmp_path):
-    res = tune_cli(["run", "--model", "resnet9000", "--show-passes"], tmp_path)
+    res = tune_in_process(["run", "--model", "resnet9000", "--show-passes"], tmp_path)
     assert "FoldBatchnormToConv2D" in res.stdout and "FuseTIR" in res.stdout
 
 
 def test_winograd_flag_overrides_the_preset(tmp_path):
-    preset = tune_cli(["run", "--model", "resnet9000", "--target", "x86-avx2", "--show-passes"], tmp_path)
+    preset = tune_in_process(["run", "--model", "resnet9000", "--target", "x86-avx2", "--show-passes"],
+                             tmp_path)
     assert "WinogradConv2D(on)" in preset.stdout                 # the x86 presets turn it on
-    off = tune_cli(["run", "--model", "resnet9000", "--target", "x86-avx2", "--no-winograd",
-                    "--show-passes"], tmp_path)
+    off = tune_in_process(["run", "--model", "resnet9000", "--target", "x86-avx2", "--no-winograd",
+                           "--show-passes"], tmp_path)
     assert "WinogradConv2D(off)" in off.stdout
 
 
 def test_roofline_command_shows_a_run_by_id_folder_or_artifact(tiny_run):
     cwd, run = tiny_run
     summary = run.json()
-    for ref in (summary["mlflow_run_id"], summary["run_dir"], summary["artifact"]):
-        shown = tune_cli(["roofline", ref], cwd)
+    # by run id in a real process; the folder, the artifact and the error in this one
+    for call, ref in ((tune_cli, summary["mlflow_run_id"]), (tune_in_process, summary["run_dir"]),
+                      (tune_in_process, summary["artifact"])):
+        shown = call(["roofline", ref], cwd)
         assert shown.returncode == 0, shown.stderr
         assert "GFLOP/s" in shown.stdout and "of attainable" in shown.stdout \
             and "roofline.png" in shown.stdout
-    missing = tune_cli(["roofline", "no-such-run"], cwd)
+    missing = tune_in_process(["roofline", "no-such-run"], cwd)
     assert missing.returncode != 0 and "no roofline" in missing.stderr
 
 

@@ -1,12 +1,14 @@
 import gzip
+import json
 import shutil
 from pathlib import Path
 
 import pytest
 
 from pipeline.build import build
-from pipeline.logs import SHIPPED, merge_shipped, ship
+from pipeline.logs import COVERED_FILE, SHIPPED, TRIALS_FILE, merge_shipped, ship
 from pipeline.tuning import SearchSettings, TuneBudget, open_database, tune
+from pipeline.tuning_db import compact_json
 
 FAST = SearchSettings(trials_per_iter=2, population_size=16, init_min_unmeasured=4, runner_number=1,
                       runner_min_repeat_ms=0)
@@ -71,3 +73,36 @@ def test_shipping_twice_does_not_merge_the_shipped_copy_back(mlp_mod, tmp_path):
     open_database(db)
     assert (db / "database_tuning_record.json").read_text() == before
     assert ship(db).bytes_written == first.bytes_written
+
+
+def _before(mod, target, db, logs) -> list[int]:
+    """trials_before per task, tuning nothing."""
+    return sorted(t.trials_before for t in tune(mod, target, db, logs, TuneBudget(trials=0), FAST).tasks)
+
+
+def test_nights_on_a_large_shipped_search_grow_the_count_by_their_new_trials(mlp_mod, tmp_path):
+    """trials_before = the shipped search + the trials run here since, the merged shipped record
+    not counted twice. The old max(local records, shipped) kept a 64-trial shipped workload at 64
+    for as long as the nights had added fewer than 64 records, so the curve never moved."""
+    _, mod, target = mlp_mod
+    tuned = tmp_path / "tuned" / "x86-test"
+    tune(mod, target, tuned, tmp_path / "logs0", TuneBudget(trials=2), FAST)
+    ship(tuned)
+    assert _before(mod, target, tuned, tmp_path / "l0") == [1, 1], "the shipped database itself: no double count"
+    (tuned / COVERED_FILE).unlink()   # a database shipped before the covered counts were kept
+    assert _before(mod, target, tuned, tmp_path / "l0b") == [1, 1]
+    trials = tuned / SHIPPED / TRIALS_FILE
+    trials.write_text(json.dumps({k: 64 for k in json.loads(trials.read_text())}))  # a longer search
+
+    fresh = tmp_path / "clone" / "x86-test"
+    shutil.copytree(tuned / SHIPPED, fresh / SHIPPED)
+    night = TuneBudget(trials=None, new_trials=2)
+    one = tune(mod, target, fresh, tmp_path / "l1", night, FAST)
+    assert sorted(t.trials_before for t in one.tasks) == [64, 64] and one.trials_new == 2
+    two = tune(mod, target, fresh, tmp_path / "l2", night, FAST)
+    assert sum(t.trials_before for t in two.tasks) == 128 + 2 and two.trials_new == 2
+    compact_json(fresh, keep=1)
+    assert sum(_before(mod, target, fresh, tmp_path / "l3")) == 128 + 4, "compacted records still count"
+    ship(fresh)   # re-shipped from the clone: its trials are the whole search, and are not added again
+    assert sum(json.loads((fresh / SHIPPED / TRIALS_FILE).read_text()).values()) == 128 + 4
+    assert sum(_before(mod, target, fresh, tmp_path / "l4")) == 128 + 4

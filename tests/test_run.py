@@ -4,14 +4,14 @@ from pipeline.config import RunConfig
 from pipeline.measure import MeasureSettings
 from pipeline.run import run_pipeline
 from pipeline.tuning import TuneBudget
-from tests.conftest import mlp_onnx
+from tests.conftest import mlflow_store, mlp_onnx
 
 
 def test_run_pipeline_reports_progress_and_prints_nothing(tmp_path, capfd):
     events = []
     config = RunConfig(model=str(mlp_onnx(tmp_path / "mlp.onnx")), budget=TuneBudget(trials=2),
                        tuning_logs=tmp_path / "logs", out=tmp_path / "out", runs_dir=tmp_path / "runs",
-                       tracking_uri=f"sqlite:///{tmp_path / 'm.db'}", skip_untuned=True,
+                       tracking_uri=mlflow_store(tmp_path, "m.db"), skip_untuned=True,
                        measure=MeasureSettings(warmup=1, repeats=3))
     result = run_pipeline(config, progress=events.append)
     out, err = capfd.readouterr()
@@ -37,7 +37,7 @@ def test_the_default_build_is_exported_when_it_ran_faster(tmp_path, monkeypatch)
     monkeypatch.setattr(measure, "faster_build", lambda stats, margin=0.03: "untuned")
     config = RunConfig(model=str(mlp_onnx(tmp_path / "mlp.onnx")), budget=TuneBudget(trials=0),
                        tuning_logs=tmp_path / "logs", out=tmp_path / "out", runs_dir=tmp_path / "runs",
-                       tracking_uri=f"sqlite:///{tmp_path / 'm.db'}", roofline=False,
+                       tracking_uri=mlflow_store(tmp_path, "m.db"), roofline=False,
                        measure=MeasureSettings(warmup=1, repeats=3))
     result = run_pipeline(config)
     assert result.exported == "untuned" and result.verified
