@@ -13,8 +13,10 @@ to [n_o, ..., k_o, lanes, depth] (a layout-rewrite block, split out of the kerne
 the constant by the post-tuning passes), so each vector load is contiguous.
 
 TVM 0.27's own `dot_16x4_vnni` intrinsic does not compile with the LLVM it bundles (LLVM 22 takes
-the byte operands of vpdpbusd as <64 x i8>, TVM passes <16 x i32>), and its descriptor only
-tensorizes global-scope accumulators, so we declare our own.
+the byte operands of vpdpbusd as <64 x i8>, TVM passes <16 x i32>), so we declare our own. The
+kernels tensorize the `global`-scope variant (the tile buffer is global so that it lives on the
+stack, see common.accumulate_locally); the `local` one stays registered for tuning records made
+before that change, whose traces name it.
 """
 
 from __future__ import annotations
