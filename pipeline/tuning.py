@@ -501,6 +501,8 @@ def _load_cost_model(database_dir: Path, cores: int):
 def _save_cost_model(model, database_dir: Path) -> None:
     tmp = database_dir / f"{COST_MODEL_FILE}.{os.getpid()}.tmp"   # hosts sharing a folder never collide
     try:
+        # a PostgreSQL store has no JSON files here, so nothing else made the preset's folder
+        database_dir.mkdir(parents=True, exist_ok=True)
         model.save(str(tmp))
         tmp.replace(database_dir / COST_MODEL_FILE)
     except Exception as exc:

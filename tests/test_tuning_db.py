@@ -187,6 +187,8 @@ def test_postgres_store_two_processes_at_once_then_export_import(postgres, tmp_p
         hosts = conn.execute("SELECT count(DISTINCT workload_id) FROM ms_record").fetchone()[0]
     assert workloads == 2 and hosts == 2, "one row per workload, whichever host committed it first"
     assert 4 <= records <= sum(r["new"] for r in results)   # identical candidates are stored once
+    for i, r in enumerate(results):   # the preset folder holds only the cost model with this store
+        assert (tmp_path / f"host{i}" / "cost_model.tar").is_file() == (r["new"] > 0)
 
     _, mod, target = mlp_mod
     third = tune(mod, target, tmp_path / "host2", tmp_path / "logs", TuneBudget(trials=4), FAST, tuning_db=url)

@@ -1,4 +1,5 @@
-"""`tune nightly`: every job of a nightly config, then its summary; exit 1 when one failed or regressed."""
+"""`tune nightly`: every job of a nightly config, then its summary; exit 1 when one failed or regressed,
+130 when stopped by SIGINT/SIGTERM (the job in flight keeps its finished records)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,9 @@ def nightly(
     as_json: JsonSummary = False,
 ) -> None:
     """Run every [[job]] of the config: resume tuning, build, verify, compare with the champion,
-    promote only when faster beyond noise. Exit 1 after all jobs when one failed or regressed."""
+    promote only when faster beyond noise. Exit 1 after all jobs when one failed or regressed;
+    exit 130 when SIGINT/SIGTERM stopped the night (the job in flight keeps its finished records,
+    the jobs after it are marked skipped)."""
     guard(_nightly, config, tuning_logs, out_dir, artifacts, runs_dir, tracking_uri, rpc, rpc_key,
           tuning_db, as_json)
 
