@@ -48,6 +48,21 @@ def apply_database(mod, target, database_dir: Path | None, tuning_db: str | None
             return relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
 
 
+def _compile(mod, target):
+    import tvm
+
+    config = {}
+    if target.kind.name == "cuda":
+        from schedules.gpu import build_config
+
+        config = build_config(mod)
+    if not config:
+        return tvm.compile(mod, target=target)
+    current = tvm.transform.PassContext.current()
+    with tvm.transform.PassContext(opt_level=current.opt_level, config={**dict(current.config), **config}):
+        return tvm.compile(mod, target=target)
+
+
 def _count_scheduled(mod) -> tuple[int, int]:
     import tvm
 
@@ -79,6 +94,6 @@ def build(mod, target, database_dir: Path | None = None, post_passes: list | Non
     if post_passes:
         mod = apply_passes(mod, target, post_passes)
     mod, params = LiftConstantsToParams(mod)
-    executable = tvm.compile(mod, target=target)
+    executable = _compile(mod, target)
     return BuiltModule(executable, params, scheduled, total, dict(untuned.applied),
                        kernel_costs(mod, unscheduled=fused))

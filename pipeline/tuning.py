@@ -106,7 +106,11 @@ def fast_build(mod, target, _params):
     import tvm
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
 
-    return tvm.tirx.build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
+    from schedules.gpu import build_config
+
+    config = build_config(mod) if target.kind.name == "cuda" else {}
+    with tvm.transform.PassContext(config=config):
+        return tvm.tirx.build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
 
 
 class WarmBuilder:
@@ -527,10 +531,11 @@ def _context(task: _Task, index: int, target, db, cost_model, settings: SearchSe
     population = min(settings.population_size, max(32, 16 * batch))
     strategy = ms.search_strategy.EvolutionarySearch(
         population_size=population, init_min_unmeasured=min(settings.init_min_unmeasured, population // 2))
+    from schedules.gpu import tuning_space
     from schedules.space import rule_space
 
     found = rule_space(task.mod, target)
-    space = found[1] if found else "post-order-apply"
+    space = found[1] if found else tuning_space(target)
     if found and task.report.rule is None:
         task.report.rule = found[0]
         task.logger.info("design space: schedules/ rule %s", found[0])

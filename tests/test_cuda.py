@@ -160,3 +160,58 @@ def test_fp16_on_the_cpu_passes_the_accuracy_gate(tmp_path):
     tags = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(
         summary["mlflow_run_id"]).data.tags
     assert tags["variant"] == "fp16"
+
+
+def test_cuda_tuning_space_puts_fp16_matmuls_on_tensor_cores(tmp_path):
+    """The search space of a CUDA task offers wmma tiles (sm_70+), and a tensorized candidate
+    builds the way the tuning builder and `build` compile it (0.27 fails it with StorageRewrite on)
+    into CUDA source with `wmma::mma_sync` that nvcc accepts."""
+    import tvm
+    from tvm import s_tir
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.script import tirx as T
+
+    from pipeline import tvm_compat
+    from pipeline.targets import resolve_target
+    from pipeline.tuning import fast_build
+    from schedules.gpu import has_tensor_cores, tuning_space, uses_tensor_cores
+
+    tvm_compat.apply()
+    import tvm.s_tir.tensor_intrin  # noqa: F401  (registers the wmma intrinsics, as MetaSchedule does)
+
+    @T.prim_func(s_tir=True)
+    def matmul(A: T.Buffer((128, 256), "float16"), B: T.Buffer((256, 128), "float16"),
+               C: T.Buffer((128, 128), "float32")):
+        T.func_attr({"global_symbol": "main", "tirx.noalias": True})
+        for i, j, k in T.grid(128, 128, 256):
+            with T.sblock("C"):
+                vi, vj, vk = T.axis.remap("SSR", [i, j, k])
+                with T.init():
+                    C[vi, vj] = T.float32(0)
+                C[vi, vj] = C[vi, vj] + T.cast(A[vi, vk], "float32") * T.cast(B[vk, vj], "float32")
+
+    assert not has_tensor_cores(resolve_target("x86-avx512").tvm_target())
+    target = resolve_target("cuda-sm80").tvm_target()
+    mod = tvm.IRModule({"main": matmul})
+    ctx = ms.TuneContext(mod=mod, target=target, space_generator=tuning_space(target), task_name="mm",
+                         rand_state=1)
+    spaces = [s for s in ctx.generate_design_space() if "wmma_sync_16x16x16_f16f16f32" in str(s.trace)]
+    assert spaces, "no tensor-core design space for an fp16 matmul on sm_80"
+    candidates = []
+    for space in spaces:
+        sch = s_tir.Schedule(mod)
+        space.trace.apply_to_schedule(sch, remove_postproc=True)
+        sch.enter_postproc()
+        if all(p.apply(sch) for p in ctx.space_generator.postprocs):
+            candidates.append(sch.mod)
+    assert candidates and uses_tensor_cores(candidates[0]) and not uses_tensor_cores(mod)
+    built = fast_build(candidates[0], target, None)
+    source = next(m for m in built.imports if m.kind == "cuda").inspect_source("")
+    assert "wmma::mma_sync" in source
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc not installed: the wmma source was generated but not compiled")
+    (tmp_path / "k.cu").write_text(source)
+    done = subprocess.run([nvcc, "-arch=sm_80", "--fatbin", "-w", "-o", str(tmp_path / "k.fatbin"),
+                           str(tmp_path / "k.cu")], check=False, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
