@@ -76,3 +76,11 @@ def vector_lanes(target, dtype_bits: int = 32) -> int:
     bits = 512 if target_has_features("avx512f", target) else \
         256 if target_has_features("avx2", target) or target_has_features("avx", target) else 128
     return bits // dtype_bits
+
+
+def vector_registers(target) -> int:
+    """Architectural SIMD registers: 32 on AArch64 (v0-v31) and with AVX-512 (zmm0-31), 16 with
+    AVX/AVX2 or SSE. Register tiles hold up to half of them as accumulators."""
+    if str(target.attrs.get("mtriple", "")).startswith("aarch64"):
+        return 32
+    return 32 if vector_lanes(target) == 16 else 16

@@ -177,7 +177,7 @@ def test_cuda_tuning_space_puts_fp16_matmuls_on_tensor_cores(tmp_path):
     from schedules.gpu import has_tensor_cores, tuning_space, uses_tensor_cores
 
     tvm_compat.apply()
-    import tvm.s_tir.tensor_intrin  # noqa: F401  (registers the wmma intrinsics, as MetaSchedule does)
+    import tvm.s_tir.tensor_intrin  # registers the wmma intrinsics, as MetaSchedule does
 
     @T.prim_func(s_tir=True)
     def matmul(A: T.Buffer((128, 256), "float16"), B: T.Buffer((256, 128), "float16"),

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from tvm import s_tir, tirx
 
-from schedules.analysis import BlockFacts, block_facts, index_vars, vector_lanes
+from schedules.analysis import BlockFacts, block_facts, index_vars, vector_lanes, vector_registers
 from schedules.common import (
     accumulate_locally,
     extents,
@@ -91,7 +91,7 @@ def register_tile(width: int, f_vectors: int, accumulators: int) -> tuple[int, i
 
 def schedule_conv2d_nhwc(sch: s_tir.Schedule, match: ConvMatch, target, tunable: bool) -> None:
     lanes_max = vector_lanes(target)
-    registers = 32 if lanes_max == 16 else 16
+    registers = vector_registers(target)
     anchor = match.anchor.rv
     knobs = Knobs(sch, tunable)
 

@@ -27,7 +27,7 @@ from tvm import s_tir, tirx
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
-from schedules.analysis import BlockFacts, block_facts
+from schedules.analysis import BlockFacts, block_facts, vector_registers
 from schedules.common import (
     accumulate_locally,
     extents,
@@ -192,9 +192,10 @@ def schedule_int8(sch: s_tir.Schedule, match: IntMatch, ins: DotInstruction, tar
     last = accumulate_locally(sch, anchor, match.epilogue)
     _prepack_weight(sch, anchor, ins, match.conv)
 
-    # Up to half the vector registers hold accumulators (VNNI: 32 zmm -> 16; NEON: 32 q -> 16),
-    # fewer where the tile would no longer be a stack buffer (AVX-512: 15 x 64 bytes).
-    accumulators = max_accumulators(4 * lanes)
+    # Up to half the vector registers hold accumulators (VNNI: 32 zmm -> 16; NEON: 32 q -> 16;
+    # AVX2: 16 ymm -> 8), fewer where the tile would no longer be a stack buffer (AVX-512: 15 x 64
+    # bytes).
+    accumulators = max_accumulators(4 * lanes, vector_registers(target) // 2)
     if match.conv:
         n, h, w, f, ry, rx, rc = sch.get_loops(anchor)
         _, H, W, F, _, _, C = extents(sch, [n, h, w, f, ry, rx, rc])

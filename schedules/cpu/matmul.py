@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from tvm import s_tir, tirx
 
-from schedules.analysis import BlockFacts, block_facts, vector_lanes
+from schedules.analysis import BlockFacts, block_facts, vector_lanes, vector_registers
 from schedules.common import (
     accumulate_locally,
     extents,
@@ -56,7 +56,7 @@ def match_matmul(blocks: list[BlockFacts]):
 def schedule_matmul(sch: s_tir.Schedule, anchor: BlockFacts, epilogue: list[BlockFacts], target,
                     tunable: bool) -> None:
     lanes_max = vector_lanes(target)
-    registers = 32 if lanes_max == 16 else 16
+    registers = vector_registers(target)
     knobs = Knobs(sch, tunable)
     block = anchor.rv
     last = accumulate_locally(sch, block, epilogue)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from tvm import s_tir, te, tirx
 
-from schedules.analysis import BlockFacts, block_facts, vector_lanes
+from schedules.analysis import BlockFacts, block_facts, vector_lanes, vector_registers
 from schedules.common import accumulate_locally, extents, tile_epilogue, vectorize_register_tile
 from schedules.knobs import Knobs, largest_divisor
 from schedules.rule import CPURule
@@ -77,7 +77,7 @@ def match_bsr(blocks: list[BlockFacts]):
 def schedule_bsr(sch: s_tir.Schedule, anchor: BlockFacts, epilogue: list[BlockFacts], target,
                  tunable: bool, k: int, block_c: int) -> None:
     lanes_max = vector_lanes(target)
-    registers = 32 if lanes_max == 16 else 16
+    registers = vector_registers(target)
     knobs = Knobs(sch, tunable)
     block = anchor.rv
     last = accumulate_locally(sch, block, epilogue)
