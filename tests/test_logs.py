@@ -45,7 +45,7 @@ def test_committed_shipped_logs_cover_every_task_of_the_model(model):
     from pipeline import tvm_compat
     from pipeline.importer import import_model
     from pipeline.logs import shipped_trials
-    from pipeline.passes import apply_passes, graph_passes
+    from pipeline.passes import apply_passes, preset_passes
     from pipeline.targets import load_presets, resolve_target
     from pipeline.tuning import extract_tasks, workload_key
 
@@ -57,8 +57,7 @@ def test_committed_shipped_logs_cover_every_task_of_the_model(model):
     for preset in presets:
         resolved = resolve_target(preset)
         target = resolved.tvm_target()
-        mod = apply_passes(imported.mod, target, graph_passes(resolved.tuning["layout"],
-                                                             resolved.tuning.get("weight_prepack", False)))
+        mod = apply_passes(imported.mod, target, preset_passes(resolved.tuning)[0])   # as `tune run`
         keys = {workload_key(t.dispatched[0]) for t in extract_tasks(mod, target)}
         shipped = shipped_trials(root / preset)
         assert keys <= set(shipped), f"{preset}: {len(keys - set(shipped))} tasks have no shipped record"
